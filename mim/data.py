@@ -1,0 +1,268 @@
+"""Datasets, transforms and loaders.
+
+Every dataset yields (image, label) with images as PIL images or float tensors in [0, 1]; transforms bring
+them to normalized tensors. Pretraining samples are drawn through `EpochSampler`, which hands the dataset
+(epoch, index) keys so each sample's augmentation and mask come from a generator seeded by
+(run seed, epoch, index): a run is reproducible whatever the world size or the number of loader workers.
+"""
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.v2 as T
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from .config import ConfigError
+
+IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
+DIGITS_STATS = ((0.3052,) * 3, (0.3815,) * 3)  # mean/std of load_digits pixels / 16 (train split)
+
+# Scale-dependent defaults per dataset, applied over the method's recipe (so `method=simmim` on digits gets
+# SimMIM's loss and mask with digits-sized images, model and mask units).
+DATA_PRESETS: dict[str, dict] = {
+    # Native 8x8 with patch 2: upscaled digits make patches near-constant and per-patch normalized targets
+    # amplified noise (measured: worse than a random encoder), hence raw-pixel targets here.
+    "digits": {
+        "data.img_size": 8, "data.crop_scale": [0.6, 1.0], "data.hflip": False, "model.arch": "vit_mini",
+        "model.patch_size": 2, "model.decoder_depth": 2, "model.decoder_embed_dim": 128,
+        "model.decoder_num_heads": 4, "mask.patch_px": 4, "mask.min_block": 2, "target.norm_pix": False,
+        "epochs": 60, "batch_size": 128, "optim.warmup_epochs": 5, "ckpt.every": 20,
+    },
+    "cifar10": {
+        "data.img_size": 32, "model.arch": "vit_tiny", "model.patch_size": 4, "model.decoder_depth": 4,
+        "model.decoder_embed_dim": 128, "model.decoder_num_heads": 4, "mask.patch_px": 8, "mask.min_block": 4,
+        "epochs": 200, "batch_size": 256, "optim.warmup_epochs": 10, "ckpt.every": 10,
+    },
+    "synthetic": {
+        "data.img_size": 16, "model.arch": "vit_mini", "model.depth": 2, "model.embed_dim": 64,
+        "model.num_heads": 4, "model.patch_size": 4, "model.decoder_depth": 1, "model.decoder_embed_dim": 64,
+        "model.decoder_num_heads": 4, "mask.patch_px": 8, "mask.min_block": 2, "target.norm_pix": False,
+        "epochs": 5, "batch_size": 32, "optim.warmup_epochs": 1, "optim.blr": 1e-3, "ckpt.every": 1,
+        "probe.enabled": False,
+    },
+}
+
+
+class DataError(RuntimeError):
+    """Unreadable or missing data: the message names the path."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Base datasets
+
+
+class TensorImages(Dataset):
+    """In-memory float images [n, C, H, W] in [0, 1] with integer labels."""
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]):
+        self.images, self.labels, self.classes = images, labels, classes
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        return self.images[i], int(self.labels[i])
+
+
+def digits(split: str) -> TensorImages:
+    """scikit-learn's bundled 8x8 handwritten digits as 3-channel images; a fixed stratified 80/20 split."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    d = load_digits()
+    idx = np.arange(len(d.target))
+    train_idx, test_idx = train_test_split(idx, test_size=0.2, stratify=d.target, random_state=0)
+    sel = np.sort(train_idx if split == "train" else test_idx)
+    x = torch.tensor(d.images[sel] / 16.0, dtype=torch.float32).unsqueeze(1).expand(-1, 3, -1, -1).contiguous()
+    return TensorImages(x, torch.tensor(d.target[sel]), [str(c) for c in range(10)])
+
+
+def synthetic(split: str, size: int = 512, img_size: int = 16, num_classes: int = 4, seed: int = 0) -> TensorImages:
+    """Tests only: oriented sinusoidal stripes whose orientation is the class, random phase, colour and noise.
+    Structured enough that a masked patch is predictable from its neighbours."""
+    g = torch.Generator().manual_seed(seed + (0 if split == "train" else 1))
+    n = size if split == "train" else max(size // 4, num_classes)
+    labels = torch.arange(n) % num_classes
+    theta = labels.float() * torch.pi / num_classes
+    yy, xx = torch.meshgrid(torch.arange(img_size).float(), torch.arange(img_size).float(), indexing="ij")
+    phase = torch.rand(n, generator=g) * 2 * torch.pi
+    wave = torch.sin((xx * torch.cos(theta)[:, None, None] + yy * torch.sin(theta)[:, None, None]) * 0.8
+                     + phase[:, None, None])
+    colour = 0.3 + 0.7 * torch.rand(n, 3, 1, 1, generator=g)
+    x = 0.5 + 0.4 * wave.unsqueeze(1) * colour + 0.05 * torch.randn(n, 3, img_size, img_size, generator=g)
+    return TensorImages(x.clamp(0, 1), labels, [f"class{c}" for c in range(num_classes)])
+
+
+class CheckedImageFolder(ImageFolder):
+    """ImageFolder whose read errors name the file (torchvision's say only what PIL says)."""
+
+    def __getitem__(self, i: int):
+        path, label = self.samples[i]
+        try:
+            return self.loader(path), label
+        except Exception as e:  # PIL raises several types for truncated or non-image files
+            raise DataError(f"cannot read image {path}: {e}") from None
+
+
+def image_folder(root: str, split: str) -> CheckedImageFolder:
+    base = Path(root)
+    if not base.is_dir():
+        raise DataError(f"data.root {root!r} does not exist; point it at a folder with train/ and val/ or test/")
+    if split == "train":
+        folder = base / "train"
+    else:
+        folder = next((base / s for s in ("val", "test") if (base / s).is_dir()), base / "val")
+    if not folder.is_dir():
+        raise DataError(f"missing split folder {folder} (expected {root}/train/<class>/*.jpg and val/ or test/)")
+    classes = sorted(e.name for e in os.scandir(folder) if e.is_dir())
+    if not classes:
+        raise DataError(f"{folder} has no class folders; expected {folder}/<class>/<image files>")
+    for c in classes:
+        if not any(f.lower().endswith(IMG_EXTENSIONS) for f in os.listdir(folder / c)):
+            raise DataError(f"class folder {folder / c} has no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
+    return CheckedImageFolder(str(folder))
+
+
+def build_dataset(data_cfg, split: str, limit: int = 0) -> Dataset:
+    """The base dataset of `data.name` for split 'train' or 'test' (val/ or test/ for folders)."""
+    name = data_cfg.name
+    if name == "digits":
+        ds = digits(split)
+    elif name == "synthetic":
+        ds = synthetic(split, data_cfg.synthetic_size, data_cfg.img_size)
+    elif name in ("cifar10", "imagefolder"):
+        ds = image_folder(data_cfg.root, split)
+    else:
+        raise ConfigError(f"data.name={name!r} is not valid; choose one of: digits, cifar10, imagefolder, synthetic")
+    if limit and limit < len(ds):
+        classes = ds.classes
+        ds = torch.utils.data.Subset(ds, range(limit))
+        ds.classes = classes
+    return ds
+
+
+def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    return {"digits": DIGITS_STATS, "cifar10": CIFAR10_STATS, "synthetic": ((0.5,) * 3, (0.25,) * 3)}.get(
+        name, IMAGENET_STATS)
+
+
+# ---------------------------------------------------------------------------------------------
+# Transforms
+
+
+def pretrain_transform(data_cfg) -> T.Compose:
+    mean, std = dataset_stats(data_cfg.name)
+    ops = [T.ToImage(), T.RandomResizedCrop(data_cfg.img_size, scale=tuple(data_cfg.crop_scale),
+                                            interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
+    if data_cfg.hflip:
+        ops.append(T.RandomHorizontalFlip())
+    return T.Compose(ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+
+def eval_transform(data_cfg) -> T.Compose:
+    """Resize + center crop (ImageNet's 0.875 ratio at 64 px and up; a plain resize for small images)."""
+    mean, std = dataset_stats(data_cfg.name)
+    size = data_cfg.img_size
+    resize = int(size / 0.875) if size >= 64 else size
+    return T.Compose([T.ToImage(), T.Resize(resize, interpolation=T.InterpolationMode.BICUBIC, antialias=True),
+                      T.CenterCrop(size), T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+
+
+def denormalize(x: torch.Tensor, name: str) -> torch.Tensor:
+    mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in dataset_stats(name))
+    return (x * std + mean).clamp(0, 1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded per-sample pretraining data
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    return ((seed * 1_000_003 + epoch) * 1_000_000_007 + index) % (2 ** 63 - 1)
+
+
+class EpochSampler(Sampler):
+    """DistributedSampler that yields (epoch, index) keys; works unchanged with one process."""
+
+    def __init__(self, n: int, num_replicas: int = 1, rank: int = 0, seed: int = 0, shuffle: bool = True,
+                 drop_last: bool = False):
+        self.inner = DistributedSampler(range(n), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                                        drop_last=drop_last)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.inner.set_epoch(epoch)
+
+    def __iter__(self):
+        return ((self.epoch, i) for i in self.inner)
+
+    def __len__(self) -> int:
+        return len(self.inner)
+
+
+class MaskedImages(Dataset):
+    """(image, mask, label, replaced) per (epoch, index) key; augmentation and mask seeded per sample.
+
+    `replaced` is 1 when the image was unreadable and `skip_corrupt` substituted the next readable one."""
+
+    def __init__(self, base: Dataset, transform, mask_gen, seed: int, skip_corrupt: bool = False):
+        self.base, self.transform, self.mask_gen = base, transform, mask_gen
+        self.seed, self.skip_corrupt = seed, skip_corrupt
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def _load(self, index: int):
+        for attempt in range(len(self.base)):
+            try:
+                img, label = self.base[(index + attempt) % len(self.base)]
+                return img, label, int(attempt > 0)
+            except DataError as e:
+                if not self.skip_corrupt:
+                    raise
+                warnings.warn(f"{e}; replaced by another sample (data.skip_corrupt=true)")
+        raise DataError("no readable image in the dataset")
+
+    def __getitem__(self, key):
+        epoch, index = key
+        s = sample_seed(self.seed, epoch, index)
+        img, label, replaced = self._load(index)
+        with torch.random.fork_rng(devices=[]):  # torchvision transforms draw from the global generator
+            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also seeds CUDA, 30x slower
+            img = self.transform(img)
+        mask = self.mask_gen(torch.Generator().manual_seed(s ^ 0x5DEECE66D))
+        return img, mask, label, replaced
+
+
+class Transformed(Dataset):
+    def __init__(self, base: Dataset, transform):
+        self.base, self.transform = base, transform
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i: int):
+        img, label = self.base[i]
+        return self.transform(img), label
+
+
+def num_workers(data_cfg) -> int:
+    if data_cfg.num_workers >= 0:
+        return data_cfg.num_workers
+    return 0 if data_cfg.name in ("digits", "synthetic") else min(8, os.cpu_count() or 1)
+
+
+def make_loader(dataset: Dataset, batch_size: int, data_cfg, sampler=None, shuffle: bool = False,
+                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+    workers = num_workers(data_cfg)
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
+                      num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
+                      persistent_workers=workers > 0)

@@ -1,0 +1,1 @@
+"""Evaluation of pretrained encoders: features, k-NN, linear probe, fine-tuning, token semantics."""

@@ -1,0 +1,102 @@
+import json
+import math
+
+import pytest
+import torch
+
+from mimkit import engine
+from mimkit.checkpoint import load
+from mimkit.config import ConfigError
+from mimkit.engine import NonFiniteLossError, lr_at, train
+
+
+def test_lr_schedule_warmup_then_cosine(cfg_factory):
+    cfg = cfg_factory("epochs=10", "optim.warmup_epochs=2", "optim.min_lr=0.1")
+    assert lr_at(0, cfg, 1.0) == 0.0
+    assert lr_at(1, cfg, 1.0) == pytest.approx(0.5)
+    assert lr_at(2, cfg, 1.0) == pytest.approx(1.0)
+    assert lr_at(6, cfg, 1.0) == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lr_at(10, cfg, 1.0) == pytest.approx(0.1)
+
+
+def test_short_run_loss_falls_and_writes_run_dir(cfg_factory):
+    cfg = cfg_factory("epochs=6")
+    m = train(cfg)
+    out = engine.resolve_output_dir(cfg)
+    assert m["final_loss"] < 0.7 * m["first_loss"], m["loss_history"]
+    for f in ("config.yaml", "log.txt", "metrics.json", "checkpoints/last.pt", "reconstructions.png"):
+        assert (out / f).exists(), f
+    assert any((out / "tb").iterdir())
+    ckpt = load(out / "checkpoints" / "last.pt")
+    assert set(ckpt) >= {"model", "optimizer", "scaler", "epoch", "step", "config", "rng"}
+    assert ckpt["epoch"] == 5 and json.loads((out / "metrics.json").read_text())["epochs"] == 6
+
+
+def test_resume_is_bitwise_exact(cfg_factory, tmp_path, monkeypatch):
+    full = train(cfg_factory("epochs=3", f"output_dir={tmp_path / 'a'}", "model.drop_path=0.1"))
+    real_save = engine.save_checkpoint
+
+    def save_then_die(path, model, optimizer, epoch, *a, **k):
+        real_save(path, model, optimizer, epoch, *a, **k)
+        if epoch == 0:
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    cfg_b = cfg_factory("epochs=3", f"output_dir={tmp_path / 'b'}", "model.drop_path=0.1")
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg_b)
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    resumed = train(cfg_factory("epochs=3", f"output_dir={tmp_path / 'b'}", "model.drop_path=0.1"))
+    a = load(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
+    b = load(tmp_path / "b" / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert full["loss_history"] == resumed["loss_history"]
+
+
+def test_nonfinite_loss_stops_with_step_and_keeps_checkpoint(cfg_factory, tmp_path, monkeypatch):
+    from mimkit.methods import MAE
+    real = MAE.forward
+    calls = {"n": 0}
+
+    def poisoned(self, imgs, mask):
+        out = real(self, imgs, mask)
+        calls["n"] += 1
+        if calls["n"] == 20:  # synthetic preset: 16 steps/epoch, so this is epoch 2
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(MAE, "forward", poisoned)
+    cfg = cfg_factory("epochs=3")
+    with pytest.raises(NonFiniteLossError, match=r"step 19 .*last good checkpoint: .*last.pt \(epoch 1\)"):
+        train(cfg)
+    ckpt = load(engine.resolve_output_dir(cfg) / "checkpoints" / "last.pt")
+    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_skip_nonfinite_allows_bounded_bad_steps(cfg_factory, monkeypatch):
+    from mimkit.methods import MAE
+    real = MAE.forward
+    calls = {"n": 0}
+
+    def poisoned(self, imgs, mask):
+        out = real(self, imgs, mask)
+        calls["n"] += 1
+        if calls["n"] in (3, 5):
+            out["loss"] = out["loss"] * float("inf")
+        return out
+
+    monkeypatch.setattr(MAE, "forward", poisoned)
+    m = train(cfg_factory("epochs=1", "optim.skip_nonfinite=2"))
+    assert math.isfinite(m["final_loss"])
+
+
+def test_existing_run_dir_is_never_overwritten_silently(cfg_factory):
+    train(cfg_factory("epochs=1"))
+    with pytest.raises(ConfigError, match="optim.blr"):
+        train(cfg_factory("epochs=1", "optim.blr=0.5"))
+    with pytest.raises(ConfigError, match="resume=auto"):
+        train(cfg_factory("epochs=1", "resume=none"))
+    m = train(cfg_factory("epochs=1", "optim.blr=0.5", "overwrite=true"))
+    assert m["epochs"] == 1
