@@ -4,6 +4,7 @@ traceback)."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
@@ -12,6 +13,8 @@ from .config import Config, ConfigError, build_config
 from .data import DATA_PRESETS, DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
+# Modules that contribute sub-commands through `add_commands(subparsers)`.
+COMMAND_MODULES: list[str] = []
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 
@@ -71,6 +74,8 @@ def build_parser() -> Parser:
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_pretrain_args(p)
     p.set_defaults(func=cmd_pretrain)
+    for module in COMMAND_MODULES:  # each adds its sub-commands: add_commands(subparsers)
+        importlib.import_module(module).add_commands(sub)
     return parser
 
 

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from . import checkpoint, dist
 from .config import Config, ConfigError, diff, dump_yaml, from_dict, to_dict, validate
-from .data import (EpochSampler, MaskedImages, Transformed, build_dataset, denormalize, eval_transform,
-                   make_loader, pretrain_transform)
+from .data import (EpochSampler, MaskedImages, Transformed, build_dataset, eval_transform, make_loader,
+                   pretrain_transform)
 from .masking import build_mask_generator
 from .methods import build_method
 
@@ -103,24 +103,6 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
     return torch.optim.AdamW(groups, lr=effective_lr(cfg), betas=tuple(cfg.optim.betas),
                              fused=device.type == "cuda")
-
-
-@torch.no_grad()
-def reconstruction_panel(method, imgs: torch.Tensor, mask: torch.Tensor, data_name: str) -> torch.Tensor | None:
-    """Rows: original / masked / reconstruction, as one image [3, H, W] in [0, 1]."""
-    from torchvision.utils import make_grid
-
-    from .targets import patchify, unpatchify
-    rec = method.reconstruct(imgs, mask)
-    if rec is None:
-        return None
-    p = method.patch_size
-    grey = torch.zeros_like(patchify(imgs, p))  # normalized 0 = mean colour for masked patches
-    masked = unpatchify(torch.where(mask.unsqueeze(-1), grey, patchify(imgs, p)), p, imgs.shape[1])
-    rows = torch.cat([denormalize(x.float(), data_name) for x in (imgs, masked, rec)])
-    scale = max(1, 64 // imgs.shape[-1])  # tiny images (digits) are blown up for legibility
-    rows = torch.nn.functional.interpolate(rows, scale_factor=scale, mode="nearest")
-    return make_grid(rows, nrow=len(imgs), padding=2, pad_value=1.0)
 
 
 def save_checkpoint(path: Path, model, optimizer, epoch: int, step: int, cfg: Config, history: list) -> None:
@@ -235,9 +217,9 @@ def train(cfg: Config) -> dict:
             writer.add_scalar("epoch/images_per_s", ips, epoch + 1)
             if (epoch + 1) % cfg.vis_every == 0 or epoch + 1 == cfg.epochs:
                 model.eval()
-                panel = reconstruction_panel(model, vis_imgs, vis_mask, cfg.data.name)
+                panel = model.visualize(vis_imgs, vis_mask, cfg.data.name)
                 if panel is not None:
-                    writer.add_image("reconstruction/original_masked_reconstruction", panel, epoch + 1)
+                    writer.add_image(f"{cfg.method}/{model.panel_name}", panel, epoch + 1)
         if dist.is_main() and ((epoch + 1) % cfg.ckpt.every == 0 or epoch + 1 == cfg.epochs):
             save_checkpoint(ckpt_path, model, optimizer, epoch, step, cfg, history)
         dist.barrier()
@@ -245,7 +227,7 @@ def train(cfg: Config) -> dict:
     metrics = summarize(history, cfg)
     if dist.is_main():
         model.eval()
-        panel = reconstruction_panel(model, vis_imgs, vis_mask, cfg.data.name)
+        panel = model.visualize(vis_imgs, vis_mask, cfg.data.name)
         if panel is not None:
             from torchvision.utils import save_image
             save_image(panel, out / "reconstructions.png")

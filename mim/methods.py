@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .heads import MAEDecoder
-from .targets import pixel_target, unpatchify
+from .data import denormalize
+from .targets import patchify, pixel_target, unpatchify
 from .vit import build_encoder
 
 METHODS: dict[str, type["Method"]] = {}
@@ -21,6 +22,15 @@ def register(name: str):
         METHODS[name] = cls
         return cls
     return deco
+
+
+def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:
+    """Stack batches [B, 3, H, W] as rows of one image; tiny images (digits) are blown up for legibility."""
+    from torchvision.utils import make_grid
+    x = torch.cat(rows)
+    scale = max(1, 64 // x.shape[-1])
+    x = F.interpolate(x, scale_factor=scale, mode="nearest")
+    return make_grid(x, nrow=len(rows[0]), padding=2, pad_value=1.0)
 
 
 def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -42,11 +52,25 @@ class Method(nn.Module):
 
     # Each method defines forward(imgs, mask) -> {"loss": scalar, ...}.
 
+    panel_name = "original_masked_reconstruction"
+
     @torch.no_grad()
     def reconstruct(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         """Images rebuilt from the prediction with visible patches pasted back, for the panels; None when the
         target is not pixels."""
         return None
+
+    @torch.no_grad()
+    def visualize(self, imgs: torch.Tensor, mask: torch.Tensor, data_name: str) -> torch.Tensor | None:
+        """The TensorBoard / reconstructions.png panel, one image [3, H, W] in [0, 1]: rows original / masked /
+        reconstruction. Methods whose target is not pixels override it (or return None)."""
+        rec = self.reconstruct(imgs, mask)
+        if rec is None:
+            return None
+        p = self.patch_size
+        patches = patchify(imgs, p)
+        masked = unpatchify(torch.where(mask.unsqueeze(-1), torch.zeros_like(patches), patches), p, imgs.shape[1])
+        return image_grid([denormalize(x.float(), data_name) for x in (imgs, masked, rec)])
 
 
 @register("mae")
@@ -88,3 +112,7 @@ class MAE(Method):
 
 def build_method(cfg) -> Method:
     return METHODS[cfg.method](cfg)
+
+
+# Methods defined in their own modules (`from .methods import Method, register`) register on import;
+# add yours to this line.
