@@ -59,6 +59,8 @@ class ModelConfig:
     decoder_depth: int = 8
     decoder_embed_dim: int = 512
     decoder_num_heads: int = 16
+    aux_layer: int = 0  # BEiT v2: block (1-based) whose patch tokens feed the auxiliary head; 0 = depth // 2
+    aux_depth: int = 2  # BEiT v2: blocks of the auxiliary head
 
     def resolved(self) -> dict[str, int]:
         """embed_dim/depth/num_heads after applying the arch preset to the zero fields."""
@@ -84,6 +86,7 @@ class TargetConfig:
     hog_gradient: str = choices("sobel", "central", default="sobel")
     hog_gaussian: bool = False  # Gaussian window over each patch's gradient magnitudes
     tokenizer: str = ""  # path of a tokenizer file (beit, beitv2, clustermim)
+    vocab_size: int = 0  # beit, beitv2, clustermim: head size; 0 = the tokenizer's (checked when set)
 
 
 @dataclass
@@ -142,10 +145,11 @@ def _fields(obj: Any) -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(obj)}
 
 
-def _unknown(key: str, valid: list[str], where: str) -> ConfigError:
-    close = difflib.get_close_matches(key.split(".")[-1], valid, n=3, cutoff=0.6)
+def _unknown(key: str, valid: list[str], section: str, where: str) -> ConfigError:
+    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
-    return ConfigError(f"unknown config key '{key}'{hint}; valid keys in {where}: {', '.join(valid)}")
+    source = f" in {where}" if where not in ("config", "command line") else ""
+    return ConfigError(f"unknown config key '{key}'{source}{hint}; valid keys in {section}: {', '.join(valid)}")
 
 
 def _coerce(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
@@ -196,7 +200,8 @@ def set_key(cfg: Any, key: str, value: Any, where: str = "config") -> None:
         fields = _fields(obj)
         if part not in fields:
             prefix = ".".join(parts[:i])
-            raise _unknown(key, [f"{prefix}.{n}" if prefix else n for n in fields], where if not prefix else f"'{prefix}'")
+            raise _unknown(key, [f"{prefix}.{n}" if prefix else n for n in fields], f"'{prefix}'" if prefix else "the config",
+                           where)
         f = fields[part]
         tp = typing.get_type_hints(type(obj))[part]
         if dataclasses.is_dataclass(tp):

@@ -1,0 +1,99 @@
+"""Every user mistake: exit status 2, one line `error: ...` naming the culprit, no traceback, and existing
+files left untouched. Table-driven; each case builds what it needs under a tmp dir."""
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+
+from mimkit.cli import main
+
+from test_data import make_tree
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory):
+    """Workspace: a finished tiny run, a data tree, and assorted bad files."""
+    root = tmp_path_factory.mktemp("ws")
+    assert main(["pretrain", "data.name=synthetic", "epochs=1", f"output_dir={root / 'run'}"]) == 0
+    make_tree(root / "tree")
+    (root / "empty_root").mkdir()
+    make_tree(root / "noimg")
+    (root / "noimg" / "train" / "zzz").mkdir()
+    (root / "notes.txt").write_text("not a checkpoint")
+    torch.save({"model": {}}, root / "foreign.pt")
+    (root / "list.yaml").write_text("- a\n- b\n")
+    (root / "broken.yaml").write_text("optim: {blr: 1\n")
+    (root / "unknown.yaml").write_text("optim:\n  lr: 0.1\n")
+    (root / "afile").write_text("x")
+    return root
+
+
+SYN = ["data.name=synthetic"]
+CASES = [
+    # (id, argv after `mimkit`, words the one line must contain)
+    ("unknown method", ["pretrain", "method=maee"], ["method", "mae"]),
+    ("unknown dataset", ["pretrain", "data.name=imagenet"], ["data.name", "imagefolder"]),
+    ("misspelled key", ["pretrain", "optim.bllr=1e-3"], ["optim.bllr", "optim.blr"]),
+    ("misspelled section", ["pretrain", "optm.blr=1e-3"], ["optm.blr", "optim"]),
+    ("wrong type int", ["pretrain", "epochs=ten"], ["epochs", "integer"]),
+    ("wrong type float", ["pretrain", "optim.blr=fast"], ["optim.blr", "number"]),
+    ("wrong type bool", ["pretrain", "data.hflip=maybe"], ["data.hflip", "true or false"]),
+    ("bad tuple", ["pretrain", "optim.betas=[0.9]"], ["optim.betas"]),
+    ("bad choice", ["pretrain", "mask.kind=blocks"], ["mask.kind", "block"]),
+    ("bad arch", ["pretrain", "model.arch=vit_huge"], ["model.arch", "vit_large"]),
+    ("mask ratio 1.5", ["pretrain", *SYN, "mask.ratio=1.5"], ["mask.ratio"]),
+    ("mask ratio 0", ["pretrain", *SYN, "mask.ratio=0"], ["mask.ratio"]),
+    ("negative lr", ["pretrain", *SYN, "optim.blr=-1"], ["optim.blr"]),
+    ("batch size 0", ["pretrain", *SYN, "batch_size=0"], ["batch_size"]),
+    ("accum 0", ["pretrain", *SYN, "accum_iter=0"], ["accum_iter"]),
+    ("crop scale reversed", ["pretrain", *SYN, "data.crop_scale=[0.8,0.2]"], ["data.crop_scale"]),
+    ("img not divisible", ["pretrain", *SYN, "data.img_size=18"], ["img_size", "patch_size"]),
+    ("heads not dividing", ["pretrain", *SYN, "model.embed_dim=100", "model.num_heads=3"], ["embed_dim", "num_heads"]),
+    ("cifar10 without root", ["pretrain", "data.name=cifar10"], ["data.root"]),
+    ("missing root", ["pretrain", "data.name=imagefolder", "data.root={ws}/nope"], ["nope"]),
+    ("empty root", ["pretrain", "data.name=imagefolder", "data.root={ws}/empty_root"], ["train"]),
+    ("class without images", ["pretrain", "data.name=imagefolder", "data.root={ws}/noimg", "output_dir={ws}/o1"],
+     ["zzz"]),
+    ("batch larger than data", ["pretrain", *SYN, "data.limit=10", "output_dir={ws}/o2"], ["batch_size"]),
+    ("missing resume file", ["pretrain", *SYN, "resume={ws}/none.pt"], ["resume"]),
+    ("resume from text file", ["pretrain", *SYN, "resume={ws}/notes.txt", "output_dir={ws}/o3"], ["notes.txt"]),
+    ("resume from foreign torch file", ["pretrain", *SYN, "resume={ws}/foreign.pt", "output_dir={ws}/o4"],
+     ["foreign.pt", "not a mimkit"]),
+    ("checkpoint of another arch", ["pretrain", *SYN, "model.embed_dim=32", "resume={ws}/run/checkpoints/last.pt",
+                                    "output_dir={ws}/o5"], ["last.pt", "architecture"]),
+    ("missing config file", ["pretrain", "--config", "{ws}/nope.yaml"], ["nope.yaml"]),
+    ("yaml syntax error", ["pretrain", "--config", "{ws}/broken.yaml"], ["broken.yaml", "line"]),
+    ("yaml not a mapping", ["pretrain", "--config", "{ws}/list.yaml"], ["list.yaml", "mapping"]),
+    ("unknown key in yaml", ["pretrain", "--config", "{ws}/unknown.yaml"], ["optim.lr", "unknown.yaml"]),
+    ("override without =", ["pretrain", "epochs"], ["key=value"]),
+    ("unwritable output dir", ["pretrain", *SYN, "output_dir={ws}/afile/run"], ["output_dir", "afile"]),
+    ("existing run, other config", ["pretrain", *SYN, "epochs=1", "optim.blr=0.5", "output_dir={ws}/run"],
+     ["optim.blr", "overwrite=true"]),
+    ("existing run, resume=none", ["pretrain", *SYN, "epochs=1", "resume=none", "output_dir={ws}/run"],
+     ["resume=auto"]),
+    ("cuda without a gpu", ["pretrain", *SYN, "device=cuda"], ["cuda"]),
+    ("unknown command", ["pretrian"], ["pretrian"]),
+]
+
+
+def digest(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file() and "tb" not in p.parts and p.name != "log.txt"}
+
+
+@pytest.mark.parametrize("name, argv, words", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_clear_line(ws, capsys, name, argv, words):
+    if name == "cuda without a gpu" and torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    before = digest(ws)
+    argv = [a.replace("{ws}", str(ws)) for a in argv]
+    with pytest.raises(SystemExit) as e:
+        raise SystemExit(main(argv))
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: "), err
+    for w in words:
+        assert w.replace("{ws}", str(ws)) in err[0], (w, err[0])
+    after = digest(ws)
+    assert {k: v for k, v in after.items() if k in before} == before  # nothing that existed was changed
