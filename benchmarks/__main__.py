@@ -1,28 +1,83 @@
-"""`python -m benchmarks [name ...]`: run the named benchmarks (default: all available) and print a summary."""
+"""`python -m benchmarks [name ...]`: run the named benchmarks (default: all available), each printing its own table
+and writing benchmarks/results/<name>.json, then a summary table of the headline ratios against their goals
+(benchmarks/results/summary.json). Every ratio is measured side by side in one run: absolute times on a shared
+CPU vary several-fold between runs."""
 from __future__ import annotations
 
 import argparse
 import importlib
-import json
+import inspect
 
-ENTRIES = ["step", "hog", "kmeans"]
+from .common import write_result
+
+ENTRIES = ["step", "peer", "machine", "hog", "kmeans", "e2e"]
 
 
-def main() -> None:
+def headlines(name: str, r: dict) -> list[tuple[str, str, str]]:
+    """(what, measured, goal) rows of one entry's result."""
+    if name == "step":
+        rows = [(f"{x['method']} step img/s (x MAE)", f"{x['images_per_s']:.1f} "
+                 f"({x['speed_vs_mae']['median']:.2f}x)" if "speed_vs_mae" in x else f"{x['images_per_s']:.1f}", "")
+                for x in r["rows"]]
+        rows += [(f"{x['method']} tokenizer overhead", f"{100 * x['tokenizer_overhead']['median']:.0f}% "
+                  f"[{100 * x['tokenizer_overhead']['min']:.0f}-{100 * x['tokenizer_overhead']['max']:.0f}]", "<= 25%")
+                 for x in r["rows"] if "tokenizer_overhead" in x]
+        return rows + [(f"{m} step", "skipped", why) for m, why in r["skipped"].items()]
+    if name == "peer":
+        rows = [(k[len("speedup_"):].replace("_vs_", " vs "), f"{v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]",
+                 ">= 1.5x") for k, v in r.items() if k.startswith("speedup_")]
+        return rows or [("mimkit vs lightly", "skipped", r["lightly_missing"])]
+    if name == "machine":
+        return [(f"{n} FLOP/s / matmul FLOP/s", f"{f['median']:.2f} [{f['min']:.2f}-{f['max']:.2f}]",
+                 ">= 0.57" if n.startswith("mimkit") else "") for n, f in r["fractions"].items()]
+    if name == "hog":
+        return [("batched HOG vs skimage", f"{r['speedup_min']:.0f}x (1 thread {r['speedup_1thread_min']:.0f}x)",
+                 ">= 50x")]
+    if name == "kmeans":
+        return [("fastest k-means to within 1%", str(r["fastest"]), "faiss"),
+                ("FAISS vs Lloyd / MiniBatchKMeans",
+                 f"{r['faiss_speedup_vs_lloyd']:.1f}x / {r['faiss_speedup_vs_minibatch']:.1f}x", "> 1")]
+    if name == "e2e":
+        rows = []
+        if "default_job" in r:
+            job = r["default_job"]
+            rows.append(("default job wall time", f"{job['seconds']:.0f} s" + (" (failed)" if "error" in job else ""),
+                         "<= 180 s"))
+        rows.append(("CIFAR-10 loader / MAE step img/s",
+                     f"{r['loader_over_step']:.1f}x" if "loader_over_step" in r else "skipped", "> 1x"))
+        return rows
+    return []
+
+
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("names", nargs="*", default=ENTRIES, help=f"any of {', '.join(ENTRIES)}")
-    args = p.parse_args()
+    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--preset", choices=["cpu", "tiny"], default="cpu", help="step/peer/machine: tiny = smoke test")
+    for module in ("step", "peer", "e2e"):
+        importlib.import_module(f"benchmarks.{module}").add_args(p)
+    args = p.parse_args(argv)
+    given = {"repeats": args.repeats, "preset": args.preset, "methods": tuple(args.methods),
+             "compiled": args.compile, "skip_job": args.skip_job}
     summary = {}
     for name in args.names:
+        if name not in ENTRIES:
+            p.error(f"unknown benchmark {name!r}; choose from {', '.join(ENTRIES)}")
         try:
             module = importlib.import_module(f"benchmarks.{name}")
         except ModuleNotFoundError as e:
             print(f"[{name}] skipped: {e}")
+            summary[name] = [(name, "skipped", str(e))]
             continue
         print(f"== {name}")
-        summary[name] = module.run()
-    print(json.dumps({k: {kk: vv for kk, vv in v.items() if not isinstance(vv, (list, dict))}
-                      for k, v in summary.items()}, indent=1))
+        wanted = inspect.signature(module.run).parameters
+        summary[name] = headlines(name, module.run(**{k: v for k, v in given.items() if k in wanted}))
+    print("\n== summary")
+    print(f"{'benchmark':<10} {'what':<38} {'measured':<28} goal")
+    for name, rows in summary.items():
+        for what, measured, goal in rows:
+            print(f"{name:<10} {what:<38} {measured:<28} {goal}")
+    write_result("summary", {"args": vars(args), "rows": {n: [list(r) for r in rows] for n, rows in summary.items()}})
 
 
 if __name__ == "__main__":

@@ -1,58 +1,166 @@
-"""Pretraining step throughput (forward + backward + AdamW step, images/s) on the CPU preset:
-ViT-Tiny (width 192, depth 12), patch 4, 32 px, batch 256, MAE decoder 4 x 128."""
+"""Pretraining step throughput (forward + backward + AdamW step, images/s) of every registered method on the CPU
+preset: ViT-Tiny (width 192, depth 12), patch 4, 32 px, batch 256, MAE decoder 4 x 128. The methods are timed
+side by side in interleaved rounds; each one's speed relative to MAE is the per-round ratio.
+
+Discrete-target methods get a small randomly initialized tokenizer built in-process (its speed, not its ids,
+matters here), shaped by configs/tokenizer/<kind>_cifar10.yaml when that file exists; the time the frozen
+tokenizer takes on the batch is reported as its overhead over the rest of the step (goal <= 25%)."""
 from __future__ import annotations
 
 import argparse
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 import torch
 
 from mimkit.cli import pretrain_config
+from mimkit.data import dataset_stats
 from mimkit.engine import build_optimizer
 from mimkit.masking import build_mask_generator
-from mimkit.methods import build_method
+from mimkit.methods import METHODS, build_method
 
-from .common import time_it, write_result
+from .common import side_by_side, speedup, spread, write_result
 
-PRESET = ["data.name=cifar10", "data.root=unused", "model.arch=vit_tiny", "model.patch_size=4", "data.img_size=32",
-          "model.decoder_depth=4", "model.decoder_embed_dim=128", "model.decoder_num_heads=4"]
+REPO = Path(__file__).resolve().parent.parent
+PRESETS = {
+    "cpu": ["data.name=cifar10", "data.root=unused", "model.arch=vit_tiny", "model.patch_size=4", "data.img_size=32",
+            "model.decoder_depth=4", "model.decoder_embed_dim=128", "model.decoder_num_heads=4", "batch_size=256"],
+    "tiny": ["data.name=synthetic", "batch_size=8"],  # smoke tests: seconds, not a measurement
+}
+TOKENIZER_KIND = {"beit": "dvae", "beitv2": "vqkd", "clustermim": "kmeans"}
+# Used when configs/tokenizer/<kind>_cifar10.yaml is absent: BEiT's vocabulary and half-resolution dVAE input,
+# a VQ-KD tokenizer of the encoder's size (BEiT v2 pairs a ViT-B tokenizer with a ViT-B student), and
+# ClusterMIM's pixel k-means with the recipe's K.
+TOKENIZER_FALLBACK = {"dvae": ["vocab_size=8192", "dvae.groups=2", "dvae.hidden=64", "dvae.blocks_per_group=1"],
+                      "vqkd": ["vocab_size=8192", "vqkd.embed_dim=192", "vqkd.depth=12", "vqkd.num_heads=3",
+                               "vqkd.decoder_embed_dim=192", "vqkd.decoder_num_heads=3"],
+                      "kmeans": []}
 
 
-def step_throughput(method: str, batch: int = 256, repeats: int = 5, extra: tuple[str, ...] = ()) -> dict:
-    cfg = pretrain_config([], [f"method={method}", *PRESET, f"batch_size={batch}", *extra])
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def small_tokenizer(kind: str, cfg, out_dir: Path) -> str:
+    """Write a randomly initialized tokenizer for `cfg`'s data and patch grid to out_dir; returns its path."""
+    from mimkit.tokenizers.config import tokenizer_config
+    from mimkit.tokenizers.dvae import DVAE
+    from mimkit.tokenizers.kmeans import KMeansTokenizer
+    from mimkit.tokenizers.vqkd import VQKD
+    file = REPO / "configs" / "tokenizer" / f"{kind}_{cfg.data.name}.yaml"
+    size, p = cfg.data.img_size, cfg.model.patch_size
+    grid = size // p
+    half = max(1, size // 2 // grid)  # BEiT's dVAE sees a half-resolution copy: input = grid * 2^(groups - 1)
+    fallback = [*TOKENIZER_FALLBACK[kind], f"dvae.input_size={grid * half}", f"dvae.groups={half.bit_length()}"]
+    tcfg = tokenizer_config([str(file)] if file.exists() else [],
+                            [f"kind={kind}", f"data.name={cfg.data.name}", f"data.img_size={size}", f"patch_size={p}",
+                             *([] if file.exists() else fallback)])
+    mean, std = (list(v) for v in dataset_stats(cfg.data.name))
     torch.manual_seed(0)
-    model = build_method(cfg).to(device).train()
-    opt = build_optimizer(model, cfg, device)
+    if kind == "dvae":
+        d = tcfg.dvae
+        tok = DVAE(size, grid, tcfg.vocab_size, mean, std, d.input_size, d.groups, d.hidden, d.blocks_per_group,
+                   decoder=False)
+    elif kind == "vqkd":
+        v = tcfg.vqkd
+        tok = VQKD(size, grid, tcfg.vocab_size, mean, std, 512, v.embed_dim, v.depth, v.num_heads, v.code_dim,
+                   v.decoder_depth, v.decoder_embed_dim, v.decoder_num_heads)
+    else:
+        tok = KMeansTokenizer(size, grid, tcfg.vocab_size, mean, std, dim=p * p * 3)
+        tok.centroids.normal_()
+    path = out_dir / f"{kind}.pt"
+    tok.save(path)
+    return str(path)
+
+
+def method_config(method: str, preset: str = "cpu", extra: tuple[str, ...] = (), tmp: Path | None = None):
+    """The pretraining config of `method` on a preset; discrete methods get a fresh small tokenizer in tmp."""
+    cfg = pretrain_config([], [f"method={method}", *PRESETS[preset], *extra])
+    if method in TOKENIZER_KIND and not cfg.target.tokenizer:
+        path = small_tokenizer(TOKENIZER_KIND[method], cfg, tmp or Path(tempfile.mkdtemp()))
+        cfg = pretrain_config([], [f"method={method}", *PRESETS[preset], *extra, f"target.tokenizer={path}"])
+    return cfg
+
+
+def build_step(cfg, dev: torch.device | None = None):
+    """(step, model, imgs, mask): one engine step (autocast as the engine, backward, AdamW, zero_grad) on a
+    fixed random batch with masks from the method's generator; `cfg.compile` compiles the model as the engine."""
+    dev = dev or device()
+    torch.manual_seed(0)
+    model = build_method(cfg).to(dev).train()
+    opt = build_optimizer(model, cfg, dev)
+    train_model = torch.compile(model) if cfg.compile else model
     grid = cfg.data.img_size // cfg.model.patch_size
     gen = build_mask_generator(cfg.mask, grid, cfg.model.patch_size)
     g = torch.Generator().manual_seed(0)
-    imgs = torch.randn(batch, 3, cfg.data.img_size, cfg.data.img_size, device=device)
-    mask = torch.stack([gen(g) for _ in range(batch)]).to(device)
+    imgs = torch.randn(cfg.batch_size, 3, cfg.data.img_size, cfg.data.img_size, device=dev)
+    mask = torch.stack([gen(g) for _ in range(cfg.batch_size)]).to(dev)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            loss = model(imgs, mask)["loss"]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+            loss = train_model(imgs, mask)["loss"]
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    seconds = time_it(step, repeats=repeats)
-    return {"method": method, "batch": batch, "step_seconds": seconds, "images_per_s": batch / seconds}
+    return step, model, imgs, mask
 
 
-def run(methods: tuple[str, ...] = ("mae",), repeats: int = 5) -> dict:
-    rows = [step_throughput(m, repeats=repeats) for m in methods]
+def run(methods: tuple[str, ...] = (), repeats: int = 3, preset: str = "cpu", extra: tuple[str, ...] = ()) -> dict:
+    methods = tuple(methods) or tuple(METHODS)
+    fns: dict[str, Callable] = {}
+    skipped, tokenizer_of = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for m in methods:
+            try:
+                cfg = method_config(m, preset, extra, Path(tmp))
+                fns[m], model, imgs, _ = build_step(cfg)
+            except Exception as e:  # a method that cannot be built here is reported, not fatal
+                skipped[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+                print(f"step {m:>10}: skipped ({skipped[m]})")
+                continue
+            if getattr(model, "tokenizer", None) is not None:
+                fns[f"{m}:tokenizer"] = tokenizer_of[m] = (lambda tok=model.tokenizer, x=imgs: tok(x))
+        timed = side_by_side(fns, repeats=repeats)
+    batch = int(next(o.split("=")[1] for o in reversed([*PRESETS[preset], *extra]) if o.startswith("batch_size=")))
+    rows = []
+    for m in methods:
+        if m not in fns:
+            continue
+        t = timed[m]
+        row = {"method": m, "batch": batch, "step_seconds": t["median_s"], "images_per_s": batch / t["median_s"],
+               "images_per_s_range": [batch / t["max_s"], batch / t["min_s"]]}
+        if "mae" in fns:
+            row["speed_vs_mae"] = speedup(timed, m, "mae")  # < 1: slower than MAE
+        if m in tokenizer_of:
+            tt = timed[f"{m}:tokenizer"]["times_s"]
+            share = [k / (s - k) for k, s in zip(tt, t["times_s"])]
+            row["tokenizer_seconds"] = timed[f"{m}:tokenizer"]["median_s"]
+            row["tokenizer_overhead"] = {**spread(share), "goal_max": 0.25}
+        rows.append(row)
+    print(f"{'method':>10} {'img/s':>8} {'range':>15} {'vs MAE':>7} {'tokenizer overhead':>19}")
     for r in rows:
-        print(f"step {r['method']:>10}: {r['images_per_s']:8.1f} img/s ({r['step_seconds'] * 1000:.0f} ms/step, "
-              f"batch {r['batch']})")
-    result = {"preset": PRESET, "rows": rows}
-    write_result("step", result)
+        lo, hi = r["images_per_s_range"]
+        vs = f"{r['speed_vs_mae']['median']:.2f}x" if "speed_vs_mae" in r else "-"
+        tok = (f"{100 * r['tokenizer_overhead']['median']:.0f}% "
+               f"[{100 * r['tokenizer_overhead']['min']:.0f}-{100 * r['tokenizer_overhead']['max']:.0f}]"
+               if "tokenizer_overhead" in r else "-")
+        print(f"{r['method']:>10} {r['images_per_s']:8.1f} {f'{lo:.1f}-{hi:.1f}':>15} {vs:>7} {tok:>19}")
+    result = {"preset": preset, "overrides": [*PRESETS[preset], *extra], "repeats": repeats, "rows": rows,
+              "skipped": skipped}
+    print(f"written to {write_result('step', result)}")
     return result
 
 
+def add_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--methods", nargs="+", default=[], help=f"default: all of {', '.join(METHODS)}")
+
+
 if __name__ == "__main__":
-    p = argparse.ArgumentParser()
-    p.add_argument("--methods", nargs="+", default=["mae"])
-    p.add_argument("--repeats", type=int, default=5)
+    p = argparse.ArgumentParser(description=__doc__)
+    add_args(p)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--preset", choices=PRESETS, default="cpu")
     a = p.parse_args()
-    run(tuple(a.methods), a.repeats)
+    run(tuple(a.methods), a.repeats, a.preset)

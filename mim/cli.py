@@ -14,7 +14,7 @@ from .data import DATA_PRESETS, DataError
 
 USER_ERRORS = (ConfigError, DataError, CheckpointError)
 # Modules that contribute sub-commands through `add_commands(subparsers)`.
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["mimkit.probes.cli", "mimkit.tokenizers.cli", "mimkit.submit", "mimkit.probes.analyze_cli"]
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -31,8 +31,11 @@ DATA_PRESETS: dict[str, dict] = {
     # amplified noise (measured: worse than a random encoder), hence raw-pixel targets here.
     "digits": {
         "data.img_size": 8, "data.crop_scale": [0.6, 1.0], "data.hflip": False, "model.arch": "vit_mini",
-        "model.patch_size": 2, "model.decoder_depth": 2, "model.decoder_embed_dim": 128,
+        "model.depth": 4, "model.patch_size": 2, "model.decoder_depth": 1, "model.decoder_embed_dim": 128,
         "model.decoder_num_heads": 4, "mask.patch_px": 4, "mask.min_block": 2, "target.norm_pix": False,
+        # A 4x4 patch grid: masking 75% leaves 4 patches, too few to infer a digit (measured: k-NN +1 point
+        # over a random encoder at 0.75, +28 at 0.5 with blr 1e-3).
+        "mask.ratio": 0.5, "optim.blr": 1e-3,
         "epochs": 60, "batch_size": 128, "optim.warmup_epochs": 5, "ckpt.every": 20,
     },
     "cifar10": {

@@ -1,7 +1,13 @@
-"""Process-group helpers: torchrun and SLURM set the environment; one process needs nothing."""
+"""Process-group helpers: torchrun and SLURM (via submitit) set the environment; one process needs nothing.
+
+torchrun exports RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT itself. A submitit job on SLURM
+(or submitit's local executor) only has its scheduler's variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID,
+SLURM_JOB_NODELIST); `export_submitit_env` turns them into torch's with submitit's own
+TorchDistributedEnvironment (master = first host of the node list, port derived from the job id)."""
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -19,26 +25,65 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def rank_seed(seed: int) -> int:
+    """Per-rank seed for the process-wide generator (drop path and other in-model randomness): distinct per
+    rank, distinct from other runs' seeds, the same on every restart."""
+    return (seed * 1_000_003 + rank()) % (2 ** 63 - 1)
+
+
+def export_submitit_env() -> bool:
+    """Inside a submitit job not launched by torchrun, set torch's env:// variables from the scheduler's.
+
+    Returns True when it exported them. A no-op outside submitit or when RANK is already set (torchrun
+    inside a submitit job keeps its own)."""
+    if not os.environ.get("SUBMITIT_EXECUTOR") or "RANK" in os.environ:
+        return False
+    from submitit.helpers import TorchDistributedEnvironment
+    # Keep every GPU visible: init() selects cuda:LOCAL_RANK, as under torchrun.
+    TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
+    if os.environ["SUBMITIT_EXECUTOR"] == "local":
+        os.environ["MASTER_ADDR"] = "127.0.0.1"  # one machine: no need for its hostname to resolve
+    return True
+
+
 def init(device_name: str = "auto") -> torch.device:
     """Join the process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); pick the device."""
     use_cuda = device_name == "cuda" or (device_name == "auto" and torch.cuda.is_available())
     if device_name == "cuda" and not torch.cuda.is_available():
         from .config import ConfigError
         raise ConfigError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
+    export_submitit_env()
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
         if use_cuda:
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+            torch.cuda.set_device(device)
+        # device_id binds NCCL to this GPU up front (barriers then never guess the device)
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+    return device
+
+
+def _all_reduce(value: float, device: torch.device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.item()
 
 
 def all_reduce_mean(value: float, device: torch.device) -> float:
+    return value if world_size() == 1 else _all_reduce(value, device) / world_size()
+
+
+def all_reduce_sum(value: float, device: torch.device) -> float:
+    return value if world_size() == 1 else _all_reduce(value, device)
+
+
+def all_gather_object(obj: Any) -> list[Any]:
+    """[obj of rank 0, obj of rank 1, ...] on every rank (e.g. each rank's RNG state for a checkpoint)."""
     if world_size() == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.item() / world_size()
+        return [obj]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out
 
 
 def barrier() -> None:

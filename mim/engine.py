@@ -3,9 +3,9 @@ accumulation, clipping, bf16 autocast on CUDA, atomic checkpoints with exact res
 k-NN probe of the result."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -15,8 +15,8 @@ from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from . import checkpoint, dist
-from .config import Config, ConfigError, diff, dump_yaml, from_dict, to_dict, validate
+from . import checkpoint, dist, rundir
+from .config import Config, ConfigError, to_dict, validate
 from .data import (EpochSampler, MaskedImages, Transformed, build_dataset, eval_transform, make_loader,
                    pretrain_transform)
 from .masking import build_mask_generator
@@ -64,60 +64,46 @@ def resolve_output_dir(cfg: Config) -> Path:
     return Path(cfg.output_dir)
 
 
-def prepare_run_dir(cfg: Config) -> Path | None:
-    """Create or check the run directory; returns the checkpoint to resume from, if any.
+def check_run_dir(cfg: Config) -> Path | None:
+    return rundir.check(resolve_output_dir(cfg), cfg, cfg.resume, cfg.overwrite, RESUMABLE_CHANGES)
 
-    An existing run is never overwritten silently: resume=auto continues it if its config matches (apart
-    from RESUMABLE_CHANGES), overwrite=true starts afresh, anything else is an error."""
-    out = resolve_output_dir(cfg)
-    saved = out / "config.yaml"
-    last = out / "checkpoints" / "last.pt"
-    if cfg.resume not in ("auto", "none"):
-        return Path(cfg.resume)
-    if saved.exists() and not cfg.overwrite:
-        if cfg.resume == "none":
-            raise ConfigError(f"output_dir {out} already holds a run; use resume=auto to continue it, "
-                              f"overwrite=true to start afresh, or another output_dir")
-        import yaml
-        old = from_dict(Config, yaml.safe_load(saved.read_text()))
-        changed = [k for k in diff(old, cfg) if not k.startswith(RESUMABLE_CHANGES)]
-        if changed:
-            raise ConfigError(f"output_dir {out} holds a run with a different config ({', '.join(changed)}); "
-                              f"use another output_dir or overwrite=true")
-    if cfg.overwrite and dist.is_main():
-        for name in ("checkpoints", "tb", "metrics.json", "log.txt", "reconstructions.png"):
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    if dist.is_main():
-        try:
-            out.mkdir(parents=True, exist_ok=True)
-            checkpoint.atomic_write_text(saved, dump_yaml(cfg))
-        except OSError as e:
-            raise ConfigError(f"cannot write to output_dir {out}: {e.strerror}") from None
-    dist.barrier()
-    return last if cfg.resume == "auto" and last.exists() else None
+
+def write_run_dir(cfg: Config) -> Path:
+    return rundir.write(resolve_output_dir(cfg), cfg, cfg.overwrite, rundir.RUN_FILES + ("reconstructions.png",))
 
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     # No weight decay on biases, norms, tokens and 1-D parameters (timm's grouping, as in MAE).
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
+    # fused on CUDA. On CPU the fused kernel is faster (benchmarks/README.md) but a run resumed after kill -9
+    # then differed from an uninterrupted one (tests/test_faults.py), so CPU keeps the exact default.
     return torch.optim.AdamW(groups, lr=effective_lr(cfg), betas=tuple(cfg.optim.betas),
                              fused=device.type == "cuda")
 
 
-def save_checkpoint(path: Path, model, optimizer, epoch: int, step: int, cfg: Config, history: list) -> None:
+def save_checkpoint(path: Path, model, optimizer, epoch: int, step: int, cfg: Config, history: list,
+                    rng_ranks: list | None = None) -> None:
+    """`rng_ranks`: every rank's generator states (ranks draw different drop paths), rank 0's by default."""
+    rng_ranks = rng_ranks or [checkpoint.rng_state()]
     checkpoint.save({"mimkit": "pretrain", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": {}, "epoch": epoch, "step": step, "config": to_dict(cfg), "history": history,
-                     "rng": checkpoint.rng_state()}, path)
+                     "rng": rng_ranks[0], "rng_ranks": rng_ranks}, path)
+
+
+def restore_rng(ckpt: dict, seed: int) -> None:
+    """This rank's generators from a checkpoint; a rank the checkpoint has no state for (the world size
+    changed) starts from rank 0's state reseeded per rank, so ranks still draw different drop paths."""
+    states = ckpt.get("rng_ranks") or [ckpt["rng"]]
+    checkpoint.set_rng_state(states[dist.rank()] if dist.rank() < len(states) else states[0])
+    if dist.rank() >= len(states):
+        torch.manual_seed(dist.rank_seed(seed) + ckpt["epoch"] + 1)
 
 
 def train(cfg: Config) -> dict:
     validate(cfg)
     device = dist.init(cfg.device)
-    out = resolve_output_dir(cfg)
-    resume_from = prepare_run_dir(cfg)
-    log = RunLog(out)
-    torch.manual_seed(cfg.seed + dist.rank())
+    resume_from = check_run_dir(cfg)
+    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
 
@@ -133,6 +119,8 @@ def train(cfg: Config) -> dict:
                           f"lower batch_size or raise data.limit")
 
     model = build_method(cfg).to(device)
+    if dist.world_size() > 1:
+        torch.manual_seed(dist.rank_seed(cfg.seed))  # but a different drop path on each rank
     optimizer = build_optimizer(model, cfg, device)
     start_epoch, step, history = 0, 0, []
     if resume_from is not None:
@@ -144,9 +132,14 @@ def train(cfg: Config) -> dict:
                                              f"was it trained with another architecture or method?") from None
         optimizer.load_state_dict(ckpt["optimizer"])
         start_epoch, step, history = ckpt["epoch"] + 1, ckpt["step"], ckpt.get("history", [])
-        checkpoint.set_rng_state(ckpt["rng"])
-        log(f"resumed from {resume_from} (epoch {ckpt['epoch'] + 1} done, step {step})")
-    train_model = DistributedDataParallel(model) if dist.world_size() > 1 else model
+        restore_rng(ckpt, cfg.seed)
+    out = write_run_dir(cfg)
+    log = RunLog(out)
+    if resume_from is not None:
+        log(f"resumed from {resume_from} (epoch {start_epoch} done, step {step})")
+    # find_unused_parameters: e.g. the encoder's mask token is unused by methods that drop masked patches
+    ddp = DistributedDataParallel(model, find_unused_parameters=True) if dist.world_size() > 1 else None
+    train_model = ddp or model
     if cfg.compile:
         train_model = torch.compile(train_model)
 
@@ -168,7 +161,7 @@ def train(cfg: Config) -> dict:
     for epoch in range(start_epoch, cfg.epochs):
         sampler.set_epoch(epoch)
         train_model.train()
-        t0, n_images, loss_sum, replaced = time.perf_counter(), 0, 0.0, 0
+        t0, n_images, loss_sum, replaced, extra_sums = time.perf_counter(), 0, 0.0, 0, {}
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main(), leave=False,
                    file=sys.stderr, dynamic_ncols=True)
         optimizer.zero_grad(set_to_none=True)
@@ -179,9 +172,14 @@ def train(cfg: Config) -> dict:
                     g["lr"] = lr
             imgs = imgs.to(device, non_blocking=True)
             mask = mask.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                loss = train_model(imgs, mask)["loss"]
-            loss_value = loss.item()
+            # gradient accumulation: all-reduce the gradients once per optimizer step, not per micro-batch
+            sync = ddp is None or (it + 1) % cfg.accum_iter == 0
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), \
+                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                outputs = train_model(imgs, mask)
+            loss = outputs["loss"]
+            # the mean over ranks: logged, and a NaN on any rank stops or skips the step on every rank
+            loss_value = dist.all_reduce_mean(loss.item(), device)
             if not math.isfinite(loss_value):
                 bad_steps += 1
                 if bad_steps > cfg.optim.skip_nonfinite:
@@ -202,17 +200,26 @@ def train(cfg: Config) -> dict:
                 if writer is not None:
                     writer.add_scalar("train/loss", loss_value, step)
                     writer.add_scalar("train/lr", lr, step)
+            # Other scalars a method reports (e.g. token accuracy on masked patches) are averaged per epoch.
+            for k, v in outputs.items():
+                if k != "loss" and torch.is_tensor(v) and v.dim() == 0:
+                    extra_sums[k] = extra_sums.get(k, 0.0) + v.item()
             n_images += len(imgs)
             loss_sum += loss_value
             replaced += int(rep.sum())
             bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
         seconds = time.perf_counter() - t0
-        epoch_loss = dist.all_reduce_mean(loss_sum / max(steps_per_epoch, 1), device)
-        ips = n_images * dist.world_size() / seconds
+        epoch_loss = loss_sum / max(steps_per_epoch, 1)  # of losses already averaged over ranks
+        ips = dist.all_reduce_sum(n_images, device) / seconds
+        replaced = int(dist.all_reduce_sum(replaced, device))
+        extras = {k: dist.all_reduce_mean(v / steps_per_epoch, device) for k, v in extra_sums.items()}
         history.append({"epoch": epoch + 1, "loss": epoch_loss, "images_per_s": ips, "seconds": seconds,
-                        "replaced_images": replaced})
-        log(f"epoch {epoch + 1}/{cfg.epochs} loss {epoch_loss:.4f} lr {lr:.3g} {ips:.0f} img/s")
+                        "replaced_images": replaced, **extras})
+        log(f"epoch {epoch + 1}/{cfg.epochs} loss {epoch_loss:.4f} lr {lr:.3g} {ips:.0f} img/s"
+            + "".join(f" {k} {v:.4f}" for k, v in extras.items()))
         if writer is not None:
+            for k, v in extras.items():
+                writer.add_scalar(f"epoch/{k}", v, epoch + 1)
             writer.add_scalar("epoch/loss", epoch_loss, epoch + 1)
             writer.add_scalar("epoch/images_per_s", ips, epoch + 1)
             if (epoch + 1) % cfg.vis_every == 0 or epoch + 1 == cfg.epochs:
@@ -220,8 +227,10 @@ def train(cfg: Config) -> dict:
                 panel = model.visualize(vis_imgs, vis_mask, cfg.data.name)
                 if panel is not None:
                     writer.add_image(f"{cfg.method}/{model.panel_name}", panel, epoch + 1)
-        if dist.is_main() and ((epoch + 1) % cfg.ckpt.every == 0 or epoch + 1 == cfg.epochs):
-            save_checkpoint(ckpt_path, model, optimizer, epoch, step, cfg, history)
+        if (epoch + 1) % cfg.ckpt.every == 0 or epoch + 1 == cfg.epochs:
+            rng_ranks = dist.all_gather_object(checkpoint.rng_state())  # collective: every rank takes part
+            if dist.is_main():
+                save_checkpoint(ckpt_path, model, optimizer, epoch, step, cfg, history, rng_ranks)
         dist.barrier()
 
     metrics = summarize(history, cfg)
@@ -248,31 +257,23 @@ def summarize(history: list[dict], cfg: Config) -> dict:
     if not history:
         return {"method": cfg.method, "epochs": 0}
     seconds = sum(h["seconds"] for h in history)
+    base = {"epoch", "loss", "images_per_s", "seconds", "replaced_images"}
     return {"method": cfg.method, "dataset": cfg.data.name, "epochs": history[-1]["epoch"],
             "final_loss": history[-1]["loss"], "first_loss": history[0]["loss"],
+            **{f"final_{k}": v for k, v in history[-1].items() if k not in base},
             "images_per_s": sum(h["images_per_s"] * h["seconds"] for h in history) / seconds,
             "train_seconds": seconds, "replaced_images": sum(h["replaced_images"] for h in history),
             "loss_history": [h["loss"] for h in history]}
 
 
 def knn_probe(encoder, cfg: Config, device: torch.device, log) -> dict:
-    """k-NN accuracy of the pretrained encoder and of a random-init encoder of the same shape."""
-    from mimkit.probes.features import extract
-    from mimkit.probes.knn import knn_accuracy
+    """k-NN accuracy (DINO protocol, `mimkit probe knn`'s code) of the pretrained encoder and of a random-init
+    encoder of the same shape; {"pretrained": {top1_k10, top5_k10, ...}, "random_init": {...}, "gain_points"}."""
+    from mimkit.probes.features import random_encoder, split_features
+    from mimkit.probes.knn import KNN_KS, knn_compare
 
-    from .data import make_loader as loader_for
-    from .vit import build_encoder
-    tf = eval_transform(cfg.data)
-    loaders = [loader_for(Transformed(build_dataset(cfg.data, split, cfg.probe.limit), tf), 256, cfg.data)
-               for split in ("train", "test")]
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # the same init the pretraining started from
-        random_encoder = build_encoder(cfg.model, cfg.data.img_size).to(device)
-    result = {}
-    for name, enc in (("pretrained", encoder), ("random_init", random_encoder)):
-        (xtr, ytr), (xte, yte) = (extract(enc, ld, device) for ld in loaders)
-        result[name] = knn_accuracy(xtr, ytr, xte, yte, ks=(10, 20, 100, 200), T=cfg.probe.knn_t)
-        log(f"k-NN ({name}): " + ", ".join(f"{k} {v:.1f}%" for k, v in result[name].items()))
-    k = f"top1_k{cfg.probe.knn_k}"
-    result["gain_points"] = result["pretrained"].get(k, 0.0) - result["random_init"].get(k, 0.0)
-    return result
+    encoders = {"pretrained": encoder,  # random_init: the init this pretraining started from
+                "random_init": random_encoder(cfg.model, cfg.data.img_size, cfg.seed).to(device)}
+    return knn_compare(encoders, lambda enc, name, split: split_features(enc, cfg.data, split, device,
+                                                                         limit=cfg.probe.limit, log=log),
+                       KNN_KS, cfg.probe.knn_k, cfg.probe.knn_t, log=log)

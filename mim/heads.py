@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .vit import init_weights, make_blocks, sincos_pos_embed
+from .vit import init_weights, make_blocks, sincos_pos_embed, visible_first
 
 
 class MAEDecoder(nn.Module):
@@ -27,9 +27,11 @@ class MAEDecoder(nn.Module):
     def forward(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """latent: encoder output [B, 1 + n_visible, D] (CLS first); mask: [B, N] bool. Returns [B, N, out_dim]."""
         x = self.embed(latent)
-        B, N = mask.shape
-        patches = self.mask_token.to(x.dtype).expand(B, N, -1).clone()
-        patches[~mask] = x[:, 1:].reshape(-1, x.shape[-1])  # visible tokens back to their grid slots
+        (B, N), D = mask.shape, x.shape[-1]
+        # MAE's unshuffle: [visible tokens, mask tokens], then each token back to its grid slot
+        patches = torch.cat([x[:, 1:], self.mask_token.to(x.dtype).expand(B, N + 1 - x.shape[1], -1)], dim=1)
+        slots = visible_first(mask).argsort(dim=1)  # grid slot -> its row in `patches`
+        patches = torch.gather(patches, 1, slots.unsqueeze(-1).expand(-1, -1, D))
         x = torch.cat([x[:, :1], patches], dim=1) + self.pos_embed
         for blk in self.blocks:
             x = blk(x)

@@ -116,3 +116,5 @@ def build_method(cfg) -> Method:
 
 # Methods defined in their own modules (`from .methods import Method, register`) register on import;
 # add yours to this line.
+from . import maskfeat, simmim  # noqa: E402,F401
+from . import beit, clustermim  # noqa: E402,F401

@@ -27,6 +27,12 @@ def sincos_pos_embed(grid: int, dim: int, cls_token: bool = True) -> torch.Tenso
     return pe.unsqueeze(0)
 
 
+def visible_first(mask: torch.Tensor) -> torch.Tensor:
+    """Per sample, the patch indices with the visible ones first, each group in grid order: [B, N]. Index
+    gathers with it, unlike boolean indexing, keep shapes static for torch.compile and launch no nonzero."""
+    return mask.to(torch.uint8).argsort(dim=1, stable=True)
+
+
 def init_weights(module: nn.Module) -> None:
     """MAE's init: xavier-uniform linears with zero bias, unit LayerNorms."""
     if isinstance(module, nn.Linear):
@@ -75,7 +81,12 @@ class ViT(nn.Module):
         B, N, D = x.shape
         if mask is not None:
             if mode == "drop":
-                x = x[~mask].reshape(B, -1, D)  # row-major: visible tokens stay in grid order
+                masked = mask.sum(1).unique()  # one host sync, as boolean indexing would take
+                if len(masked) != 1:
+                    raise ValueError(f"mode='drop' needs the same number of masked patches in every sample, "
+                                     f"got {masked.tolist()}")
+                keep = visible_first(mask)[:, : N - int(masked)]  # visible patches, in grid order
+                x = torch.gather(x, 1, keep.unsqueeze(-1).expand(-1, -1, D))
             elif mode == "token":
                 w = mask.unsqueeze(-1).to(x.dtype)
                 x = x * (1 - w) + (self.mask_token + self.pos_embed[:, 1:]) * w

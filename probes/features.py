@@ -1,8 +1,58 @@
-"""Frozen-encoder features for probes: CLS after the final norm, mean-pooled patches, or a block's output."""
+"""Frozen-encoder features for probes: load an encoder from any mimkit pretraining checkpoint, extract CLS
+after the final norm, mean-pooled patches or a block's output, and cache them on disk."""
 from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
+
+from mimkit import checkpoint
+from mimkit.checkpoint import CheckpointError
+from mimkit.config import Config, ConfigError, from_dict
+from mimkit.data import Transformed, build_dataset, eval_transform, make_loader
+from mimkit.vit import ViT, build_encoder, sincos_pos_embed
+
+
+def load_encoder(path: str | Path, img_size: int | None = None,
+                 ckpt: dict | None = None) -> tuple[ViT, Config, dict]:
+    """The encoder of a pretraining checkpoint (weights under `encoder.` in ckpt["model"], whatever the
+    method), its pretraining config, and the checkpoint (pass `ckpt` if already loaded from `path`). A different
+    `img_size` regenerates the fixed sin-cos positions for the new grid."""
+    ckpt = checkpoint.load(path, "pretrain") if ckpt is None else ckpt
+    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
+        raise CheckpointError(f"{path} has no 'model' and 'config' entries; is it a mimkit pretraining checkpoint?")
+    stored = ckpt["config"]
+    try:  # only the encoder's shape matters here; other sections may come from another mimkit version
+        cfg = from_dict(Config, {k: stored[k] for k in ("model", "data") if k in stored})
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: stored config is not readable ({e})") from None
+    cfg.method, cfg.seed = str(stored.get("method", "")), int(stored.get("seed", 0))
+    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    if not state:
+        raise CheckpointError(f"{path} holds no encoder weights (no 'encoder.' keys in its model)")
+    size = img_size or cfg.data.img_size
+    if size % cfg.model.patch_size:
+        raise ConfigError(f"data.img_size={size} is not divisible by the checkpoint's patch size "
+                          f"{cfg.model.patch_size}")
+    encoder = build_encoder(cfg.model, size)
+    state["pos_embed"] = sincos_pos_embed(encoder.grid, encoder.embed_dim)  # fixed, so rebuilt for any grid
+    try:
+        encoder.load_state_dict(state)
+    except RuntimeError as e:
+        raise CheckpointError(f"{path}: encoder weights do not fit the stored model config "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    return encoder, cfg, ckpt
+
+
+def random_encoder(model_cfg, img_size: int, seed: int) -> ViT:
+    """A random-init encoder of the same shape: the init a pretraining run with this seed started from."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return build_encoder(model_cfg, img_size)
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
@@ -14,22 +64,70 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
     raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
 
 
+def encode(encoder: ViT, imgs: torch.Tensor, pool: str = "cls", layer: int | None = None) -> torch.Tensor:
+    """Features [B, D] of a batch. `layer` (0-based block index) probes that block's raw output instead of the
+    final normed tokens."""
+    with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=imgs.device.type == "cuda"):
+        tokens = encoder(imgs) if layer is None else encoder(imgs, return_layers=(layer,))[1][0]
+    return pool_tokens(tokens, pool).float()
+
+
 @torch.no_grad()
 def extract(encoder, loader: DataLoader, device: torch.device, pool: str = "cls",
             layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features [n, D] and labels [n] of every batch of `loader` (eval mode, bf16 autocast on CUDA).
-    `layer` (0-based block index) probes that block's output instead of the final normed tokens."""
+    """Features [n, D] and labels [n] of every batch of `loader` (eval mode, bf16 autocast on CUDA)."""
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
     for imgs, y in loader:
-        imgs = imgs.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            if layer is None:
-                tokens = encoder(imgs)
-            else:
-                tokens = encoder(imgs, return_layers=(layer,))[1][0]
-        feats.append(pool_tokens(tokens, pool).float().cpu())
+        feats.append(encode(encoder, imgs.to(device, non_blocking=True), pool, layer).cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)
     return torch.cat(feats), torch.cat(labels)
+
+
+def checkpoint_id(path: str | Path) -> str:
+    """Cheap identity of a checkpoint file: resolved path, size and modification time (hashing a ViT-L
+    checkpoint would cost seconds at every probe)."""
+    st = os.stat(path)
+    return hashlib.sha1(f"{Path(path).resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def cache_key(ckpt_id: str, data_cfg, split: str, pool: str, layer: int, limit: int) -> dict:
+    """Everything the features depend on: the weights, the images (dataset, root, subset, eval transform at
+    img_size) and the representation."""
+    root = str(Path(data_cfg.root).resolve()) if data_cfg.root else ""
+    return {"checkpoint": ckpt_id, "dataset": data_cfg.name, "root": root, "split": split, "limit": limit,
+            "img_size": data_cfg.img_size, "synthetic_size": data_cfg.synthetic_size, "pool": pool, "layer": layer}
+
+
+def cache_file(cache_dir: str | Path, key: dict) -> Path:
+    digest = hashlib.sha1(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    layer = f"layer{key['layer']}" if key["layer"] else "final"
+    return Path(cache_dir) / f"{key['dataset']}_{key['split']}_{key['pool']}_{layer}_{key['img_size']}px_{digest}.pt"
+
+
+def split_features(encoder: ViT, data_cfg, split: str, device: torch.device, pool: str = "cls", layer: int = 0,
+                   limit: int = 0, batch_size: int = 256, cache_dir: str | Path | None = None,
+                   ckpt_id: str = "", log=print) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and labels of one split under the eval transform; `layer` 0 = final normed tokens, k = block k
+    (1-based). With `cache_dir` and `ckpt_id`, read from / write to the feature cache."""
+    path = None
+    if cache_dir and ckpt_id:
+        key = cache_key(ckpt_id, data_cfg, split, pool, layer, limit)
+        path = cache_file(cache_dir, key)
+        if path.is_file():
+            try:
+                hit = torch.load(path, map_location="cpu", weights_only=True)
+                if hit.get("key") == key:
+                    log(f"features ({split}): cache hit {path}")
+                    return hit["features"], hit["labels"]
+            except Exception as e:  # a damaged cache file is only a miss
+                log(f"features ({split}): ignoring unreadable cache file {path} ({type(e).__name__})")
+    dataset = Transformed(build_dataset(data_cfg, split, limit), eval_transform(data_cfg))
+    loader = make_loader(dataset, batch_size, data_cfg, pin_memory=device.type == "cuda")
+    feats, labels = extract(encoder, loader, device, pool, layer - 1 if layer else None)
+    if path is not None:
+        checkpoint.save({"key": key, "features": feats, "labels": labels}, path)
+        log(f"features ({split}): {tuple(feats.shape)} cached in {path}")
+    return feats, labels

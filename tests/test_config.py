@@ -13,7 +13,8 @@ def test_defaults_are_the_digits_mae_job():
     cfg = pretrain_config([], [])
     assert (cfg.method, cfg.data.name, cfg.data.img_size, cfg.model.patch_size) == ("mae", "digits", 8, 2)
     assert cfg.target.norm_pix is False  # near-constant 8x8 patches: raw pixels (see DATA_PRESETS)
-    assert cfg.mask.ratio == 0.75 and cfg.optim.betas == (0.9, 0.95)
+    assert cfg.mask.ratio == 0.5 and cfg.optim.betas == (0.9, 0.95)  # 4x4 grid: see DATA_PRESETS
+    assert pretrain_config([], ["data.name=cifar10"]).mask.ratio == 0.75  # MAE's recipe elsewhere
 
 
 def test_layers_recipe_then_preset_then_file_then_overrides(tmp_path):

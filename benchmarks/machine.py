@@ -1,0 +1,31 @@
+"""mimkit's MAE step against the machine: model FLOPs of one step (forward + backward, counted by
+torch.utils.flop_counter.FlopCounterMode) / step time, over the FLOP/s of a fp32 2048 x 2048 matmul timed in the
+same interleaved rounds (goal >= 0.57; lightly's MAE reached 0.38 here). Shares its measurement with `peer`."""
+from __future__ import annotations
+
+import argparse
+
+from .common import write_result
+from .peer import GOAL_MACHINE, PRESETS, add_args, measure, print_rows, summary
+
+
+def run(repeats: int = 3, compiled: bool = False, preset: str = "cpu") -> dict:
+    s = summary(measure(repeats, compiled, preset))
+    print_rows(s)
+    fractions = {name: r["machine_fraction"] for name, r in s["rows"].items()}
+    best = max((n for n in fractions if n.startswith("mimkit")), key=lambda n: fractions[n]["median"])
+    print(f"mimkit MAE step: {fractions['mimkit']['median']:.2f} of the matmul's FLOP/s "
+          f"(best: {best} {fractions[best]['median']:.2f}; goal >= {GOAL_MACHINE})")
+    result = {"preset": PRESETS[preset], "repeats": repeats, "goal": GOAL_MACHINE,
+              "matmul_gflops_per_s": s["matmul_gflops_per_s"], "fractions": fractions,
+              "flops_per_step": {n: r["flops_per_step"] for n, r in s["rows"].items()}}
+    print(f"written to {write_result('machine', result)}")
+    return result
+
+
+if __name__ == "__main__":
+    p = argparse.ArgumentParser(description=__doc__)
+    add_args(p)
+    p.add_argument("--repeats", type=int, default=3)
+    a = p.parse_args()
+    run(a.repeats, a.compile)

@@ -1,0 +1,94 @@
+"""Linear probe (MAE protocol): frozen encoder, BatchNorm1d(affine=False, eps 1e-6) + linear head (init std
+0.01), timm's LARS with MAE's grouping, lr = blr * batch / 256, warmup + half-cycle cosine, RandomResizedCrop +
+flip only. `linear.mode=cached` trains the same head on cached features without augmentation (the fast variant)."""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from timm.optim import Lars
+from torch import nn
+
+from mimkit.data import Transformed, build_dataset, make_loader, pretrain_transform
+from mimkit.engine import effective_lr
+
+from .features import encode
+from .train import evaluate, fit, summarize
+
+if TYPE_CHECKING:
+    from .run import ProbeRun
+
+
+def linear_head(dim: int, num_classes: int) -> nn.Sequential:
+    """MAE's probe head: a parameter-free BatchNorm (feature whitening) then a linear classifier."""
+    fc = nn.Linear(dim, num_classes)
+    trunc_normal_(fc.weight, std=0.01)
+    nn.init.zeros_(fc.bias)
+    return nn.Sequential(OrderedDict(bn=nn.BatchNorm1d(dim, affine=False, eps=1e-6), fc=fc))
+
+
+def lars(module: nn.Module, lr: float, weight_decay: float = 0.0, momentum: float = 0.9,
+         trust_coeff: float = 0.001) -> Lars:
+    """timm's Lars grouped as MAE's (MoCo v3) LARS: weights (ndim > 1) get weight decay and the trust-ratio
+    adaptation, even at weight decay 0 (timm adapts only when wd != 0 unless always_adapt); biases and norms
+    get neither."""
+    params = [p for p in module.parameters() if p.requires_grad]
+    return Lars([{"params": [p for p in params if p.ndim > 1], "weight_decay": weight_decay, "always_adapt": True},
+                 {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0, "always_adapt": False}],
+                lr=lr, momentum=momentum, trust_coeff=trust_coeff)
+
+
+def feature_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, generator: torch.Generator | None,
+                    drop_last: bool = False):
+    """Mini-batches of cached features, shuffled by `generator` (None: in order)."""
+    n = len(feats)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    stop = n - n % batch_size if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        idx = order[start:start + batch_size]
+        yield feats[idx], labels[idx]
+
+
+def run_linear(run: "ProbeRun") -> dict:
+    cfg, device = run.cfg, run.device
+    test_feats, test_labels = run.features("test")
+    head = linear_head(test_feats.shape[1], run.num_classes)
+    if cfg.linear.mode == "cached":
+        train_feats, train_labels = (t.to(device) for t in run.features("train"))
+        g = torch.Generator().manual_seed(cfg.seed)
+        n_train, steps = len(train_feats), max(len(train_feats) // cfg.batch_size, 1)
+
+        def batches(epoch):
+            return feature_batches(train_feats, train_labels, cfg.batch_size, g, drop_last=True)
+    else:  # the frozen encoder sees fresh RandomResizedCrop + flip crops every step
+        dataset = Transformed(build_dataset(cfg.data, "train", cfg.data.limit), pretrain_transform(cfg.data))
+        loader = make_loader(dataset, cfg.batch_size, cfg.data, shuffle=True, drop_last=True,
+                             pin_memory=device.type == "cuda")
+        encoder = run.encoder.to(device).eval()
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        layer = cfg.features.layer - 1 if cfg.features.layer else None
+
+        def batches(epoch):
+            for imgs, y in loader:
+                with torch.no_grad():  # (yielding inside the block would switch grad off for the head too)
+                    x = encode(encoder, imgs.to(device, non_blocking=True), cfg.features.pool, layer)
+                yield x, y
+
+        steps, n_train = len(loader), len(dataset)
+        if steps == 0:
+            from mimkit.config import ConfigError
+            raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {n_train} training images; lower batch_size")
+    head.to(device)
+    base_lr = effective_lr(cfg)
+    optimizer = lars(head, base_lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.trust_coeff)
+    run.log(f"linear probe ({cfg.linear.mode}): {n_train} images, {cfg.epochs} epochs, {steps} steps/epoch, "
+            f"lr {base_lr:.3g}")
+    history = fit(head, optimizer, batches, steps, lambda x, y: F.cross_entropy(head(x), y),
+                  lambda: evaluate(head, feature_batches(test_feats, test_labels, cfg.batch_size, None), device), run)
+    run.save("last.pt", {"mimkit": "linear_probe", "head": head.state_dict(), **history[-1],
+                         "features": {"pool": cfg.features.pool, "layer": cfg.features.layer}})
+    return {"n_train": n_train, "n_test": len(test_labels), "lr": base_lr, **summarize(history)}

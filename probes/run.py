@@ -1,0 +1,133 @@
+"""Run a probe: config, encoder from the checkpoint, run directory (config.yaml, log.txt, tb/, checkpoints/,
+metrics.json), then the protocol (linear, knn, finetune)."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from mimkit import checkpoint, dist, rundir
+from mimkit.config import Config, ConfigError, flatten, to_dict
+from mimkit.data import build_dataset
+from mimkit.engine import RunLog
+from mimkit.vit import ViT
+
+from .config import ProbeRunConfig, default_output_dir, probe_config, validate
+from .features import checkpoint_id, load_encoder, split_features
+
+RESULT_FILES = rundir.RUN_FILES
+# Keys that do not change an evaluation's result: a run differing only in these is the same run.
+RERUNNABLE = ("output_dir", "overwrite", "device", "data.num_workers", "data.root", "features.cache")
+
+
+@dataclass
+class ProbeRun:
+    """What a protocol needs: the config, the frozen encoder, the device, logging and the feature source."""
+    cfg: ProbeRunConfig
+    encoder: ViT
+    pretrain_cfg: Config
+    device: torch.device
+    out: Path
+    log: RunLog
+    writer: object  # torch.utils.tensorboard.SummaryWriter
+    ckpt_id: str
+    num_classes: int = 0
+    _features: dict = field(default_factory=dict)
+
+    @property
+    def cache_dir(self) -> Path | None:
+        if not self.cfg.features.cache:
+            return None
+        return Path(self.cfg.features.cache_dir) if self.cfg.features.cache_dir else self.out.parent / "feature_cache"
+
+    def features(self, split: str, encoder: ViT | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Eval-transform features of a split; the checkpoint's encoder goes through the cache."""
+        cfg = self.cfg
+        mine = encoder is None
+        if mine and split in self._features:
+            return self._features[split]
+        limit = cfg.data.limit if split == "train" else cfg.test_limit
+        result = split_features(self.encoder if mine else encoder, cfg.data, split, self.device, cfg.features.pool,
+                                cfg.features.layer, limit, cfg.batch_size, self.cache_dir if mine else None,
+                                self.ckpt_id, self.log)
+        if mine:
+            self._features[split] = result
+        return result
+
+    def save(self, name: str, obj: dict) -> None:
+        checkpoint.save({**obj, "config": to_dict(self.cfg)}, self.out / "checkpoints" / name)
+
+
+def build_probe_config(protocol: str, checkpoint_path: str = "", files: list[str] = (),
+                       overrides: list[str] = ()) -> tuple[ProbeRunConfig, dict]:
+    """The probe config, with the checkpoint's data settings as defaults, and the loaded checkpoint."""
+    first = probe_config(protocol, files, [*overrides, f"checkpoint={checkpoint_path}"] if checkpoint_path
+                         else overrides)
+    if not first.checkpoint:
+        raise ConfigError("a checkpoint is required: --checkpoint runs/<run>/checkpoints/last.pt")
+    ckpt = checkpoint.load(first.checkpoint, "pretrain")
+    if not isinstance(ckpt.get("config"), dict):
+        raise checkpoint.CheckpointError(f"{first.checkpoint} has no stored config; "
+                                         f"is it a mimkit pretraining checkpoint?")
+    return probe_config(protocol, files, [*overrides, f"checkpoint={first.checkpoint}"], ckpt["config"]), ckpt
+
+
+def prepare_output_dir(cfg, default: Path, what: str = "a probe run", result_files=RESULT_FILES) -> Path:
+    """Create cfg.output_dir (or `default`) under the run-directory contract (mimkit.rundir) and write
+    config.yaml. A run with another config is refused unless overwrite=true; the same config starts again from
+    scratch (evaluations do not resume), e.g. a requeued SLURM job. Shared by the evaluation commands."""
+    out = Path(cfg.output_dir or default)
+    cfg.output_dir = str(out)
+    try:
+        rundir.check(out, cfg, "auto", cfg.overwrite, RERUNNABLE)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("holds a run", f"holds {what}")) from None
+    return rundir.write(out, cfg, overwrite=True, files=result_files)
+
+
+def run_probe(cfg: ProbeRunConfig, ckpt: dict | None = None) -> dict:
+    """Run cfg.protocol and write <output_dir>/metrics.json; returns the metrics. `ckpt`: cfg.checkpoint's
+    content, if already loaded."""
+    from .finetune import run_finetune
+    from .knn import run_knn
+    from .linear import run_linear
+
+    encoder, pretrain_cfg, ckpt = load_encoder(cfg.checkpoint, cfg.data.img_size, ckpt)
+    validate(cfg, encoder.depth)
+    device = dist.init(cfg.device)
+    num_classes = len(build_dataset(cfg.data, "test").classes)  # data errors before anything is written
+    torch.manual_seed(cfg.seed)
+    out = prepare_output_dir(cfg, default_output_dir(cfg))
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(out / "tb"))
+    run = ProbeRun(cfg, encoder.to(device), pretrain_cfg, device, out, RunLog(out), writer,
+                   checkpoint_id(cfg.checkpoint), num_classes)
+    rep = f"{cfg.features.pool} features{f' of block {cfg.features.layer}' if cfg.features.layer else ''}, "
+    run.log(f"{cfg.protocol} probe of {cfg.checkpoint} ({pretrain_cfg.method or 'unknown method'}, epoch "
+            f"{ckpt.get('epoch', -1) + 1}) on {cfg.data.name} at {cfg.data.img_size}px, "
+            f"{rep if cfg.protocol != 'finetune' else ''}device {device}")
+    t0 = time.perf_counter()
+    try:
+        result = {"linear": run_linear, "knn": run_knn, "finetune": run_finetune}[cfg.protocol](run)
+    finally:
+        writer.close()
+    metrics = {"protocol": cfg.protocol, "checkpoint": cfg.checkpoint, "method": pretrain_cfg.method,
+               "pretrain_epochs": ckpt.get("epoch", -1) + 1, "dataset": cfg.data.name, "img_size": cfg.data.img_size,
+               "num_classes": run.num_classes, **result, "seconds": time.perf_counter() - t0,
+               "settings": settings(cfg)}
+    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    run.log(f"{cfg.protocol}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%; "
+            f"metrics written to {out / 'metrics.json'}")
+    return metrics
+
+
+def settings(cfg: ProbeRunConfig) -> dict:
+    """The config keys that shaped this protocol's result (the whole config is in config.yaml)."""
+    keep = {"linear": ("optim.", "linear."), "knn": ("knn.",), "finetune": ("optim.", "finetune.")}[cfg.protocol]
+    flat = flatten(to_dict(cfg))
+    return {k: v for k, v in flat.items()
+            if k.startswith(("features.pool", "features.layer", "data.", *keep)) or
+            (k in ("epochs", "batch_size", "accum_iter", "seed") and cfg.protocol != "knn")}

@@ -1,0 +1,532 @@
+"""Token semantics: what do a tokenizer's discrete targets mean?
+
+`mimkit analyze tokens` labels every patch with its image's class, streams a labeled dataset through one or
+more tokenizers and reports, per tokenizer: codebook usage and perplexity, per-token class entropy, TCAS
+(DESIGN.md: M[c, s] = share of class-c patches assigned token s; TCAS = sum_{c != c'} (M M^T)_{cc'} /
+sum_c (M M^T)_{cc}; 0 when no token is shared across classes, C - 1 for a tokenizer blind to class), purity,
+and scikit-learn's NMI / AMI / homogeneity / completeness / V-measure between patch tokens and image labels.
+`mimkit analyze predictions` measures how often a pretrained beit / beitv2 / clustermim model predicts the
+tokenizer's id of a masked patch, per class and overall.
+
+Counts are exact over every patch (a class x token matrix, updated per batch); scikit-learn's scores run on a
+deterministic subsample when there are more than `metric_samples` patches. Patches are picked by a hash of
+their global index, so the subsample and the gallery patches do not depend on the batch size or the device.
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from mimkit import checkpoint
+from mimkit.checkpoint import CheckpointError
+from mimkit.config import (Config, ConfigError, DataConfig, build_config, check_range, choices, from_dict,
+                           set_key)
+from mimkit.data import (DATA_PRESETS, EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats,
+                         denormalize, eval_transform, make_loader)
+from mimkit.engine import RunLog
+from mimkit.tokenizers.base import FrozenTokenizer, Tokenizer, resize
+
+from . import semantics_plots as plots
+from .run import prepare_output_dir
+
+
+@dataclass
+class FigureConfig:
+    gallery_tokens: int = 12  # the most frequent tokens shown in the gallery, one row each
+    gallery_patches: int = 10  # patches per gallery row: a deterministic sample of those assigned to the token
+    context: int = 1  # patches of context shown around each gallery patch
+    map_images: int = 8  # sample images with their token maps overlaid
+    heatmap_tokens: int = 64  # most frequent tokens in the class x token heat map
+
+
+@dataclass
+class AnalyzeConfig:
+    tokenizers: str = ""  # comma-separated tokenizer files, NAME=PATH to name one (set by --tokenizer)
+    checkpoint: str = ""  # predictions: a beit, beitv2 or clustermim pretraining checkpoint (set by --checkpoint)
+    output_dir: str = ""  # set by --out; default runs/analyze_tokens_<data.name> or next to the checkpoint
+    split: str = choices("train", "test", default="test")  # test: val/ or test/ for image folders
+    limit: int = 0  # use only the first N images of the split (0 = all)
+    batch_size: int = 256
+    device: str = choices("auto", "cpu", "cuda", default="auto")
+    seed: int = 0  # the patch subsample, the gallery patches and the prediction masks
+    overwrite: bool = False  # replace an earlier analysis in output_dir
+    metric_samples: int = 200_000  # NMI/AMI/V-measure on at most ~this many patches (exact counts use all)
+    data: DataConfig = field(default_factory=DataConfig)
+    figures: FigureConfig = field(default_factory=FigureConfig)
+
+
+# The dataset presets' data.* keys (image size per dataset); the model keys do not apply here.
+ANALYZE_DATA_PRESETS = {name: {k: v for k, v in p.items() if k.startswith("data.")} for name, p in DATA_PRESETS.items()}
+RESULT_FILES = ("tb", "metrics.json", "log.txt", "table.md", "figures")  # replaced with overwrite=true
+
+
+def analyze_config(files: list[str] = (), overrides: list[str] = (), stored: dict | None = None) -> AnalyzeConfig:
+    """defaults < dataset preset (image size), or the checkpoint's data settings when `stored` (a pretraining
+    config) is given < files < overrides."""
+    from .config import INHERITED_DATA
+    if stored is None:
+        return build_config(AnalyzeConfig, files, overrides, presets=[("data.name", ANALYZE_DATA_PRESETS)])
+    data = stored.get("data", {})
+    inherited = {f"data.{k}": data[k] for k in INHERITED_DATA if k in data}
+    # keyed by split only to apply the checkpoint's settings whichever split is analyzed
+    return build_config(AnalyzeConfig, files, overrides, presets=[("split", {s: inherited for s in ("train", "test")})])
+
+
+def validate(cfg: AnalyzeConfig) -> None:
+    check_range("limit", cfg.limit, 0)
+    check_range("batch_size", cfg.batch_size, 1)
+    check_range("metric_samples", cfg.metric_samples, 1)
+    check_range("data.img_size", cfg.data.img_size, 1)
+    for k in ("gallery_tokens", "gallery_patches", "map_images", "heatmap_tokens"):
+        check_range(f"figures.{k}", getattr(cfg.figures, k), 1)
+    check_range("figures.context", cfg.figures.context, 0)
+    if cfg.data.name in ("cifar10", "imagefolder") and not cfg.data.root:
+        raise ConfigError(f"data.root is required for data.name={cfg.data.name}, e.g. data.root=../shared/data/cifar10")
+
+
+def parse_tokenizers(spec: str) -> dict[str, str]:
+    """'a.pt,kmeans=runs/x/tokenizer.pt' -> {name: path}; unnamed files are named after their run directory
+    (runs/tokenizer_kmeans_cifar10/tokenizer.pt -> tokenizer_kmeans_cifar10) or their stem."""
+    out: dict[str, str] = {}
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        name, sep, path = item.partition("=")
+        if not sep or "/" in name:
+            path = item
+            p = Path(item)
+            name = p.parent.name if p.stem == "tokenizer" and p.parent.name else p.stem
+        base, i = name, 2
+        while name in out:
+            name, i = f"{base}_{i}", i + 1
+        out[name] = path
+    if not out:
+        raise ConfigError("no tokenizer given; use --tokenizer FILE (repeat it to compare tokenizers)")
+    return out
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    if not Path(path).is_file():
+        raise ConfigError(f"--tokenizer {path}: no such file")
+    return Tokenizer.load(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics of a class x token count matrix
+
+
+def tcas(counts: np.ndarray) -> float:
+    """Token-class alignment similarity of counts [C, V] (DESIGN.md); classes without patches are left out."""
+    counts = counts[counts.sum(1) > 0].astype(np.float64)
+    m = counts / counts.sum(1, keepdims=True)
+    g = m @ m.T
+    diag = np.trace(g)
+    return float((g.sum() - diag) / diag)
+
+
+def token_class_entropy(counts: np.ndarray) -> tuple[float, float]:
+    """Entropy (nats) of the class distribution of each used token: (mean over used tokens, weighted by token
+    frequency = H(class | token))."""
+    n_s = counts.sum(0)
+    used = n_s > 0
+    p = counts[:, used] / n_s[used]
+    h = -(np.where(p > 0, p * np.log(np.where(p > 0, p, 1.0)), 0.0)).sum(0)
+    return float(h.mean()), float((h * n_s[used]).sum() / n_s.sum())
+
+
+def purity(counts: np.ndarray) -> float:
+    """Share of patches whose token's majority class is their class."""
+    return float(counts.max(0).sum() / counts.sum())
+
+
+def usage_perplexity(token_counts: np.ndarray) -> tuple[float, float]:
+    """Share of the vocabulary used and exp(entropy) of the token distribution (as tokenizers.codebook_stats,
+    from counts rather than ids)."""
+    p = token_counts[token_counts > 0] / token_counts.sum()
+    return float((token_counts > 0).mean()), float(math.exp(-(p * np.log(p)).sum()))
+
+
+def cluster_scores(labels: np.ndarray, ids: np.ndarray) -> dict[str, float]:
+    """scikit-learn's clustering scores of patch tokens (clusters) against image labels (classes)."""
+    from sklearn import metrics
+    h, c, v = metrics.homogeneity_completeness_v_measure(labels, ids)
+    return {"nmi": float(metrics.normalized_mutual_info_score(labels, ids)),
+            "ami": float(metrics.adjusted_mutual_info_score(labels, ids)),
+            "homogeneity": float(h), "completeness": float(c), "v_measure": float(v)}
+
+
+def summarize_counts(counts: np.ndarray) -> dict[str, float]:
+    """Every count-based metric of a class x token matrix [C, V]."""
+    num_classes = int((counts.sum(1) > 0).sum())
+    usage, perplexity = usage_perplexity(counts.sum(0))
+    h_mean, h_weighted = token_class_entropy(counts)
+    score = tcas(counts)
+    return {"classes": num_classes, "patches": int(counts.sum()), "codes_used": int((counts.sum(0) > 0).sum()),
+            "usage": usage, "perplexity": perplexity, "class_entropy_mean": h_mean,
+            "class_entropy_weighted": h_weighted, "class_entropy_max": math.log(max(num_classes, 1)),
+            "tcas": score, "tcas_norm": score / (num_classes - 1) if num_classes > 1 else float("nan"),
+            "purity": purity(counts)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming
+
+
+def patch_priority(index: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per global patch index (splitmix64 of index and seed): the same patches are
+    sampled whatever the batch size, order of batches or device."""
+    with np.errstate(over="ignore"):
+        x = index.astype(np.uint64) + np.uint64(seed + 1) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x = x ^ (x >> np.uint64(31))
+    return (x >> np.uint64(11)).astype(np.float64) / float(2 ** 53)
+
+
+class TokenStats:
+    """One tokenizer's statistics over a stream of labeled images: the class x token counts of every patch,
+    a subsample of (label, token) pairs for scikit-learn, and for every token the `gallery` patches of lowest
+    priority (a deterministic sample) as global patch indices (image index * N + position)."""
+
+    def __init__(self, num_classes: int, vocab_size: int, num_tokens: int, sample_rate: float, gallery: int,
+                 seed: int = 0):
+        self.vocab_size, self.num_tokens, self.sample_rate, self.seed = vocab_size, num_tokens, sample_rate, seed
+        self.counts = np.zeros((num_classes, vocab_size), np.int64)
+        self.sample_labels: list[np.ndarray] = []
+        self.sample_ids: list[np.ndarray] = []
+        self.best_priority = np.full((vocab_size, gallery), np.inf)
+        self.best_ref = np.full((vocab_size, gallery), -1, np.int64)
+
+    def update(self, ids: torch.Tensor, labels: torch.Tensor, first_image: int) -> None:
+        """ids [B, N] of images first_image .. first_image + B - 1 with their labels [B]."""
+        ids = ids.cpu().numpy().astype(np.int64).ravel()
+        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+            raise ValueError(f"token ids outside [0, {self.vocab_size}): {ids.min()}..{ids.max()}")
+        labels = np.repeat(np.asarray(labels, np.int64), self.num_tokens)
+        c, v = self.counts.shape
+        self.counts += np.bincount(labels * v + ids, minlength=c * v).reshape(c, v)
+        ref = first_image * self.num_tokens + np.arange(ids.size, dtype=np.int64)
+        priority = patch_priority(ref, self.seed)
+        keep = priority < self.sample_rate
+        self.sample_labels.append(labels[keep])
+        self.sample_ids.append(ids[keep])
+        better = priority < self.best_priority[ids, -1]
+        if better.any():
+            self._merge(ids[better], priority[better], ref[better])
+
+    def _merge(self, ids: np.ndarray, priority: np.ndarray, ref: np.ndarray) -> None:
+        v, k = self.best_priority.shape
+        tok = np.concatenate([np.repeat(np.arange(v), k), ids])
+        pri = np.concatenate([self.best_priority.ravel(), priority])
+        refs = np.concatenate([self.best_ref.ravel(), ref])
+        order = np.lexsort((pri, tok))  # by token, then priority
+        tok = tok[order]
+        rank = np.arange(len(tok)) - np.searchsorted(tok, tok)  # position within the token's group
+        first = rank < k  # every token has >= k entries: exactly k kept each, in token order
+        self.best_priority = pri[order][first].reshape(v, k)
+        self.best_ref = refs[order][first].reshape(v, k)
+
+    def metrics(self) -> dict:
+        out = summarize_counts(self.counts)
+        labels, ids = np.concatenate(self.sample_labels), np.concatenate(self.sample_ids)
+        return {**out, **cluster_scores(labels, ids), "metric_samples": int(len(ids))}
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
+    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def stream_tokens(tokenizers: dict[str, Tokenizer], dataset, data_name: str, num_classes: int, cfg: AnalyzeConfig,
+                  device: torch.device) -> tuple[dict[str, TokenStats], torch.Tensor, dict[str, torch.Tensor]]:
+    """One pass over `dataset` (normalized images with `data_name`'s statistics, labels) encoding every batch
+    with every tokenizer. Returns the statistics, `figures.map_images` images spread evenly over the dataset
+    (folders are sorted by class: the first images would all be one class), in [0, 1], and their ids per
+    tokenizer."""
+    stats_of = dataset_stats(data_name)
+    frozen = {name: FrozenTokenizer(tok, stats_of) for name, tok in tokenizers.items()}
+    total = len(dataset)
+    stats = {name: TokenStats(num_classes, tok.vocab_size, tok.num_tokens,
+                              min(1.0, cfg.metric_samples / max(1, total * tok.num_tokens)),
+                              cfg.figures.gallery_patches, cfg.seed) for name, tok in tokenizers.items()}
+    loader = make_loader(dataset, cfg.batch_size, cfg.data, pin_memory=device.type == "cuda")
+    shown = torch.from_numpy(np.unique(np.linspace(0, total - 1, min(cfg.figures.map_images, total)).round())).long()
+    map_imgs, map_ids, seen = [], {name: [] for name in tokenizers}, 0
+    for imgs, labels in tqdm(loader, desc="tokens", file=sys.stderr, dynamic_ncols=True, leave=False):
+        imgs = imgs.to(device, non_blocking=True)
+        labels = torch.as_tensor(labels)
+        rows = (shown[(shown >= seen) & (shown < seen + len(imgs))] - seen).to(device)
+        map_imgs.append(denormalize(imgs[rows].float(), data_name).cpu())
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            for name, tok in frozen.items():
+                ids = tok(imgs)
+                stats[name].update(ids, labels, seen)
+                map_ids[name].append(ids[rows].cpu())
+        seen += len(imgs)
+    return stats, torch.cat(map_imgs), {k: torch.cat(v) for k, v in map_ids.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# `mimkit analyze tokens`
+
+TABLE_COLUMNS = [("tokenizer", "tokenizer", "{}"), ("kind", "kind", "{}"), ("vocab_size", "vocab", "{}"),
+                 ("usage", "usage", "{:.1%}"), ("perplexity", "perplexity", "{:.1f}"),
+                 ("class_entropy_weighted", "class entropy", "{:.3f}"), ("tcas", "TCAS", "{:.3f}"),
+                 ("tcas_norm", "TCAS/(C-1)", "{:.3f}"), ("nmi", "NMI", "{:.3f}"), ("ami", "AMI", "{:.3f}"),
+                 ("purity", "purity", "{:.3f}"), ("v_measure", "V-measure", "{:.3f}")]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    head = [title for _, title, _ in TABLE_COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(fmt.format(row[key]) for key, _, fmt in TABLE_COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def gallery_crops(dataset, refs: np.ndarray, tok: Tokenizer, data_name: str, context: int) -> torch.Tensor:
+    """Patches (global indices `refs` [T, K], -1 = none) with `context` patches around them, from the images at
+    the tokenizer's resolution: [T, K, 3, s, s] in [0, 1] (blank where refs is -1)."""
+    cell = tok.img_size // tok.grid
+    side = cell * (2 * context + 1)
+    out = torch.ones(*refs.shape, 3, side, side)
+    cache: dict[int, torch.Tensor] = {}
+    for (t, k), ref in np.ndenumerate(refs):
+        if ref < 0:
+            continue
+        i, pos = divmod(int(ref), tok.num_tokens)
+        if i not in cache:
+            img = denormalize(dataset[i][0].unsqueeze(0).float(), data_name)
+            pad = context * cell
+            cache[i] = torch.nn.functional.pad(resize(img, tok.img_size)[0], (pad,) * 4, value=1.0)
+        r, c = divmod(pos, tok.grid)
+        out[t, k] = cache[i][:, r * cell:r * cell + side, c * cell:c * cell + side]
+    return out
+
+
+def tokenizer_figures(name: str, tok: Tokenizer, st: TokenStats, dataset, classes: list[str], map_imgs, map_ids,
+                      cfg: AnalyzeConfig, out: Path, writer) -> list[str]:
+    """The four figures of one tokenizer (PNG under out/figures/<name>/ and TensorBoard); returns the paths."""
+    fc, folder = cfg.figures, out / "figures" / name
+    counts = st.counts
+    freq = counts.sum(0)
+    top = np.argsort(-freq, kind="stable")
+    top = top[freq[top] > 0]
+    rows = top[:fc.gallery_tokens]
+    crops = gallery_crops(dataset, st.best_ref[rows], tok, cfg.data.name, fc.context)
+    captions = []
+    for s in rows:
+        c = int(counts[:, s].argmax())
+        captions.append(f"token {s}\nn={freq[s]}\n{classes[c]} {counts[c, s] / freq[s]:.0%}")
+    figs = {
+        "gallery": plots.gallery_figure(crops, captions, fc.context),
+        "token_maps": plots.token_map_figure(map_imgs, map_ids.view(-1, tok.grid, tok.grid), tok.vocab_size),
+        "class_token_heatmap": plots.heatmap_figure(counts, classes, top[:fc.heatmap_tokens]),
+        "code_usage": plots.usage_figure(freq, name, *usage_perplexity(freq)),
+    }
+    paths = []
+    for fig_name, fig in figs.items():
+        path = folder / f"{fig_name}.png"
+        plots.save_figure(fig, path, writer, f"{name}/{fig_name}")
+        paths.append(str(path))
+    return paths
+
+
+def analyze_tokens(cfg: AnalyzeConfig) -> dict:
+    """Run the token analysis of cfg.tokenizers on cfg.data; writes the run directory and returns metrics."""
+    validate(cfg)
+    files = parse_tokenizers(cfg.tokenizers)
+    tokenizers = {name: load_tokenizer(path) for name, path in files.items()}
+    device = pick_device(cfg.device)
+    base = build_dataset(cfg.data, cfg.split, cfg.limit)
+    classes = list(base.classes)
+    dataset = Transformed(base, eval_transform(cfg.data))
+    out = prepare_output_dir(cfg, Path("runs") / f"analyze_tokens_{cfg.data.name}", "an analysis", RESULT_FILES)
+    log = RunLog(out)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(out / "tb"))
+    t0 = time.perf_counter()
+    log(f"token analysis of {', '.join(files)} on {cfg.data.name} {cfg.split} ({len(dataset)} images, "
+        f"{len(classes)} classes, {cfg.data.img_size}px), device {device}")
+    for name, tok in tokenizers.items():
+        tok.to(device)
+        log(f"  {name}: {tok.kind}, vocabulary {tok.vocab_size}, {tok.grid}x{tok.grid} tokens at {tok.img_size}px "
+            f"({files[name]})")
+    try:
+        stats, map_imgs, map_ids = stream_tokens(tokenizers, dataset, cfg.data.name, len(classes), cfg, device)
+        results = {}
+        for name, tok in tokenizers.items():
+            m = {"tokenizer": name, "file": files[name], "kind": tok.kind, "vocab_size": tok.vocab_size,
+                 "grid": tok.grid, "img_size": tok.img_size, **stats[name].metrics()}
+            m["figures"] = tokenizer_figures(name, tok, stats[name], dataset, classes, map_imgs, map_ids[name], cfg,
+                                             out, writer)
+            for key in ("usage", "perplexity", "class_entropy_weighted", "tcas", "tcas_norm", "nmi", "ami", "purity",
+                        "v_measure"):
+                writer.add_scalar(f"{name}/{key}", m[key], 0)
+            results[name] = m
+        table = sorted(({k: results[n][k] for k, _, _ in TABLE_COLUMNS} for n in results), key=lambda r: r["tcas"])
+        md = markdown_table(table)
+        writer.add_text("table", md, 0)
+    finally:
+        writer.close()
+    checkpoint.atomic_write_text(out / "table.md", md)
+    metrics = {"dataset": cfg.data.name, "split": cfg.split, "images": len(dataset), "classes": classes,
+               "table": table, "tokenizers": results, "seconds": time.perf_counter() - t0}
+    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    log("\n" + md + f"\nmetrics written to {out / 'metrics.json'}, figures under {out / 'figures'}")
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# `mimkit analyze predictions`
+
+
+def masked_token_logits(model: torch.nn.Module, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """A pretrained method's logits over its tokenizer's vocabulary at the masked positions: [M, V], rows in the
+    order of `mask.nonzero()` (as `target[mask]`).
+
+    The hook is a method's own `masked_token_logits(imgs, mask)` when it has one; beit / beitv2 (the linear
+    head over the encoder's tokens, masked patches replaced by the mask token, as in their loss) and clustermim
+    (the MAE decoder's K logits per patch) are handled here until they define it. Masked rows only: [B, N, 8192]
+    logits of a whole batch would take gigabytes."""
+    from mimkit.beit import BEiT
+    from mimkit.clustermim import ClusterMIM
+    if hasattr(model, "masked_token_logits"):
+        return model.masked_token_logits(imgs, mask)
+    if isinstance(model, BEiT):
+        return model.head(model.encoder(imgs, mask, mode="token")[:, 1:][mask])
+    if isinstance(model, ClusterMIM):
+        return model.predict(imgs, mask)[mask]
+    raise ConfigError(f"method {model.name!r} does not predict tokens; `analyze predictions` needs a beit, beitv2 "
+                      f"or clustermim checkpoint")
+
+
+def load_method(ckpt: dict, path: str, cfg: AnalyzeConfig, tokenizer: str) -> tuple[torch.nn.Module, Config]:
+    """Rebuild the method of a pretraining checkpoint from its stored config with `tokenizer` as its target
+    (default: the stored target.tokenizer) and the analysis' data settings, and load its weights."""
+    from mimkit.methods import METHODS, build_method
+    stored = ckpt.get("config")
+    if not isinstance(stored, dict) or not isinstance(ckpt.get("model"), dict):
+        raise CheckpointError(f"{path} has no 'model' and 'config' entries; is it a mimkit pretraining checkpoint?")
+    if stored.get("method") not in METHODS:
+        raise CheckpointError(f"{path}: unknown method {stored.get('method')!r} (known: {', '.join(METHODS)})")
+    try:
+        mcfg = from_dict(Config, stored)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: stored config is not readable ({e})") from None
+    if cfg.data.img_size != mcfg.data.img_size:
+        raise ConfigError(f"data.img_size={cfg.data.img_size} differs from the checkpoint's {mcfg.data.img_size}; "
+                          f"the model predicts tokens at the size it was trained at")
+    mcfg.data = cfg.data
+    mcfg.target.tokenizer = tokenizer or mcfg.target.tokenizer
+    if mcfg.target.tokenizer:
+        load_tokenizer(mcfg.target.tokenizer)  # a missing or unreadable file is named as --tokenizer
+    model = build_method(mcfg)
+    if not isinstance(getattr(model, "tokenizer", None), FrozenTokenizer):
+        raise ConfigError(f"{path} is a {mcfg.method} checkpoint, whose targets are not tokens; `analyze predictions` "
+                          f"needs a beit, beitv2 or clustermim checkpoint")
+    own = model.state_dict()
+    for k, v in ckpt["model"].items():  # e.g. a head sized for another vocabulary: say which, not just "mismatch"
+        if k in own and torch.is_tensor(v) and own[k].shape != v.shape:
+            raise CheckpointError(f"{path} does not fit method {mcfg.method} with tokenizer {mcfg.target.tokenizer} "
+                                  f"(vocabulary {model.tokenizer.vocab_size}): {k} is {list(v.shape)} in the "
+                                  f"checkpoint, {list(own[k].shape)} here; pass the tokenizer it was trained with")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise CheckpointError(f"{path} does not fit method {mcfg.method} with tokenizer {mcfg.target.tokenizer} "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    return model.eval(), mcfg
+
+
+def analyze_predictions(cfg: AnalyzeConfig, ckpt: dict | None = None) -> dict:
+    """Accuracy of a pretrained model's predicted ids on masked patches (its own mask generator, seeded per
+    image), overall, top-5 and per class; the baseline predicts the most frequent target id. The target is
+    cfg.tokenizers (one file) or the checkpoint's target.tokenizer. `ckpt`: cfg.checkpoint's content, if loaded."""
+    from mimkit.masking import build_mask_generator
+    validate(cfg)
+    if not cfg.checkpoint:
+        raise ConfigError("a checkpoint is required: --checkpoint runs/<run>/checkpoints/last.pt")
+    ckpt = ckpt or checkpoint.load(cfg.checkpoint, "pretrain")
+    tokenizers = list(parse_tokenizers(cfg.tokenizers).values()) if cfg.tokenizers else [""]
+    if len(tokenizers) > 1:
+        raise ConfigError(f"analyze predictions takes one tokenizer (the model's target), got {len(tokenizers)}")
+    tokenizer = tokenizers[0]
+    model, mcfg = load_method(ckpt, cfg.checkpoint, cfg, tokenizer)
+    device = pick_device(cfg.device)
+    model.to(device)
+    base = build_dataset(cfg.data, cfg.split, cfg.limit)
+    classes = list(base.classes)
+    grid = cfg.data.img_size // mcfg.model.patch_size
+    mask_gen = build_mask_generator(mcfg.mask, grid, mcfg.model.patch_size)
+    dataset = MaskedImages(base, eval_transform(cfg.data), mask_gen, cfg.seed)
+    loader = make_loader(dataset, cfg.batch_size, cfg.data, sampler=EpochSampler(len(dataset), shuffle=False),
+                         pin_memory=device.type == "cuda")
+    ckpt_path = Path(cfg.checkpoint)
+    run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
+    out = prepare_output_dir(cfg, run / f"analyze_predictions_{cfg.data.name}", "an analysis", RESULT_FILES)
+    log = RunLog(out)
+    log(f"token predictions of {cfg.checkpoint} ({mcfg.method}, tokenizer {mcfg.target.tokenizer}) on "
+        f"{cfg.data.name} {cfg.split} ({len(dataset)} images), mask {mcfg.mask.kind} {mcfg.mask.ratio}, device {device}")
+    vocab = model.tokenizer.vocab_size
+    correct, correct5, total = (np.zeros(len(classes), np.int64) for _ in range(3))
+    target_counts = np.zeros(vocab, np.int64)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for imgs, mask, labels, _ in tqdm(loader, desc="predictions", file=sys.stderr, dynamic_ncols=True, leave=False):
+            imgs, mask = imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                target = model.tokenizer(imgs)[mask]
+                logits = masked_token_logits(model, imgs, mask).float()
+            hit = (logits.argmax(-1) == target).cpu().numpy()
+            hit5 = (logits.topk(min(5, vocab), -1).indices == target[:, None]).any(-1).cpu().numpy()
+            patch_class = torch.as_tensor(labels).to(device)[:, None].expand_as(mask)[mask].cpu().numpy()
+            correct += np.bincount(patch_class, weights=hit, minlength=len(classes)).astype(np.int64)
+            correct5 += np.bincount(patch_class, weights=hit5, minlength=len(classes)).astype(np.int64)
+            total += np.bincount(patch_class, minlength=len(classes))
+            target_counts += np.bincount(target.cpu().numpy(), minlength=vocab)
+    n = int(total.sum())
+    if n == 0:
+        raise ConfigError("no masked patches were analyzed; check limit and the checkpoint's mask settings")
+    per_class = {c: float(correct[i] / total[i]) for i, c in enumerate(classes) if total[i]}
+    metrics = {"checkpoint": cfg.checkpoint, "method": mcfg.method, "tokenizer": mcfg.target.tokenizer,
+               "vocab_size": vocab, "dataset": cfg.data.name, "split": cfg.split, "images": len(dataset),
+               "masked_patches": n, "accuracy": float(correct.sum() / n), "top5_accuracy": float(correct5.sum() / n),
+               "mean_class_accuracy": float(np.mean(list(per_class.values()))),
+               "majority_baseline": float(target_counts.max() / n), "per_class_accuracy": per_class,
+               "seconds": time.perf_counter() - t0}
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(out / "tb"))
+    try:
+        for key in ("accuracy", "top5_accuracy", "mean_class_accuracy", "majority_baseline"):
+            writer.add_scalar(f"predictions/{key}", metrics[key], 0)
+        path = out / "figures" / "accuracy_per_class.png"
+        plots.save_figure(plots.accuracy_figure(per_class, metrics["accuracy"], metrics["majority_baseline"]), path,
+                          writer, "predictions/accuracy_per_class")
+        metrics["figures"] = [str(path)]
+    finally:
+        writer.close()
+    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    log(f"masked-patch token accuracy {metrics['accuracy']:.2%} (top-5 {metrics['top5_accuracy']:.2%}, most frequent "
+        f"id {metrics['majority_baseline']:.2%}) over {n} patches; metrics written to {out / 'metrics.json'}")
+    return metrics
+
+
+def build_analyze_config(files: list[str], overrides: list[str], tokenizers: list[str] = (), checkpoint_path: str = "",
+                         out: str = "") -> tuple[AnalyzeConfig, dict | None]:
+    """The analysis config from the command line (the checkpoint's data settings as defaults, for predictions)
+    and the loaded checkpoint, if any."""
+    ckpt = checkpoint.load(checkpoint_path, "pretrain") if checkpoint_path else None
+    stored = ckpt.get("config") if ckpt else None
+    cfg = analyze_config(files, overrides, stored if isinstance(stored, dict) else None)
+    for key, value in (("tokenizers", ",".join(tokenizers)), ("checkpoint", checkpoint_path), ("output_dir", out)):
+        if value:  # set directly: paths are not parsed as YAML
+            set_key(cfg, key, value, "command line")
+    return cfg, ckpt

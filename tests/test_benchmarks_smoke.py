@@ -1,0 +1,23 @@
+"""The benchmark entry points import and run end to end on the tiny preset (no timing is checked: speed is
+measured by `python -m benchmarks`, never asserted in tests)."""
+import json
+
+from benchmarks.__main__ import main
+
+
+def test_step_peer_machine_entry_points_write_results(tmp_path, monkeypatch):
+    monkeypatch.setenv("MIMKIT_BENCH_RESULTS", str(tmp_path))
+    main(["step", "peer", "machine", "--preset", "tiny", "--repeats", "1", "--methods", "mae", "simmim", "clustermim"])
+    step = json.loads((tmp_path / "step.json").read_text())
+    assert [r["method"] for r in step["rows"]] == ["mae", "simmim", "clustermim"], step["skipped"]
+    assert step["machine"]["torch"] and all(r["images_per_s"] > 0 for r in step["rows"])
+    assert "tokenizer_overhead" in step["rows"][2]  # clustermim got an in-process k-means tokenizer
+    peer = json.loads((tmp_path / "peer.json").read_text())
+    assert peer["rows"]["mimkit"]["flops_per_step"] > 0
+    machine = json.loads((tmp_path / "machine.json").read_text())
+    assert machine["fractions"]["mimkit"]["median"] > 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert set(summary["rows"]) == {"step", "peer", "machine"}
+    if "lightly" in peer["rows"]:  # the same model, counted the same way: the peer does the same work
+        ours, theirs = peer["rows"]["mimkit"]["flops_per_step"], peer["rows"]["lightly"]["flops_per_step"]
+        assert abs(ours - theirs) / ours < 0.05

@@ -1,0 +1,125 @@
+"""Batched HOG against scikit-image (central differences) and a plain numpy reference (Sobel)."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mimkit.data import synthetic
+from mimkit.hog import HOG, cells_to_patches, gaussian_window, hog_glyphs, patches_to_cells
+
+skfeature = pytest.importorskip("skimage.feature")
+
+
+def images(n=3, size=32, seed=0):
+    """Random noise plus structured stripes (so cells have real dominant orientations), float64."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.rand(n, 3, size, size, generator=g, dtype=torch.float64)
+    stripes = synthetic("train", size=n, img_size=size, seed=seed).images.double()
+    return torch.cat([noise, stripes * 2 - 1])
+
+
+@pytest.mark.parametrize("cell", [8, 4, 2])
+def test_central_difference_matches_skimage_per_channel(cell):
+    """Central differences + one-cell blocks + L2 = skimage.feature.hog on each channel. Deliberate
+    differences, all cancelled here: skimage averages over a cell (we sum: same after L2) and adds eps^2 inside
+    the square root (we clamp the norm at 1e-12); bin edges are identical ([k, k+1) * 20 deg)."""
+    x = images()
+    ours = HOG(9, cell, "central")(x)  # [B, C, 9, h, w]
+    for b in range(len(x)):
+        for c in range(3):
+            ref = skfeature.hog(x[b, c].numpy(), orientations=9, pixels_per_cell=(cell, cell), cells_per_block=(1, 1),
+                                block_norm="L2", feature_vector=False)[:, :, 0, 0]  # [h, w, 9]
+            np.testing.assert_allclose(ours[b, c].permute(1, 2, 0).numpy(), ref, atol=1e-6)
+
+
+def numpy_hog(img, cell, kernel, nbins=9, weight=None):
+    """Straightforward per-pixel HOG of one channel: reflect padding, cross-correlation, loops."""
+    H, W = img.shape
+    p = np.pad(img, 1, mode="reflect")
+    k = np.array(kernel, dtype=np.float64)
+    hist = np.zeros((H // cell, W // cell, nbins))
+    for r in range(H):
+        for c in range(W):
+            win = p[r:r + 3, c:c + 3]
+            gx, gy = (win * k).sum(), (win * k.T).sum()
+            mag = math.hypot(gx, gy) * (1.0 if weight is None else weight[r, c])
+            angle = math.degrees(math.atan2(gy, gx)) % 180
+            hist[r // cell, c // cell, min(int(angle // (180 / nbins)), nbins - 1)] += mag
+    norm = np.sqrt((hist ** 2).sum(-1, keepdims=True))
+    return hist / np.maximum(norm, 1e-12)
+
+
+SOBEL = [[-1, 0, 1], [-2, 0, 2], [-1, 0, 1]]
+
+
+@pytest.mark.parametrize("window", [0, 16])
+def test_sobel_matches_numpy_reference(window):
+    # values on a 1/64 grid make every gradient exact in any summation order, so both sides bin the same
+    # angles (pixels whose exact gradient lies on a bin edge, e.g. at reflect-padded borders, included)
+    x = (images(n=1, size=32, seed=1) * 64).round() / 64
+    ours = HOG(9, 8, "sobel", window=window)(x)
+    weight = np.tile(gaussian_window(16, 8).double().numpy(), (2, 2)) if window else None
+    for b in range(len(x)):
+        for c in range(3):
+            ref = numpy_hog(x[b, c].numpy(), 8, SOBEL, weight=weight)
+            np.testing.assert_allclose(ours[b, c].permute(1, 2, 0).numpy(), ref, atol=1e-9)
+
+
+def test_sobel_differs_from_central_and_window_matters():
+    x = images(n=1, size=16)
+    sobel, central = HOG(9, 8, "sobel")(x), HOG(9, 8, "central")(x)
+    assert (sobel - central).abs().max() > 1e-2
+    assert (HOG(9, 8, "sobel", window=16)(x) - sobel).abs().max() > 1e-3
+
+
+def test_known_orientations():
+    """A vertical edge (gradient along columns) falls in bin 0, a horizontal one (gradient along rows, 90 deg)
+    in bin 4; each non-empty cell histogram has unit L2 norm, flat cells are zero."""
+    x = torch.zeros(1, 3, 16, 16, dtype=torch.float64)
+    x[..., :, 8:] = 1.0  # vertical edge at column 8
+    h = HOG(9, 8, "sobel")(x)
+    assert torch.allclose(h[0, :, 0], torch.ones(3, 2, 2, dtype=torch.float64))
+    y = x.transpose(-1, -2).contiguous()
+    assert torch.allclose(HOG(9, 8, "sobel")(y)[0, :, 4], torch.ones(3, 2, 2, dtype=torch.float64))
+    flat = HOG(9, 8)(torch.ones(1, 3, 16, 16))
+    assert flat.abs().max() == 0
+
+
+@pytest.mark.parametrize("gradient", ["sobel", "central"])
+def test_zero_row_gradient_is_exact(gradient):
+    """Columns of constant (real-valued) pixels have d/drow = 0 exactly, so every gradient is at 0 or 180 deg:
+    all the mass goes to bin 0. (A one-pass 3x3 Sobel leaves +-1e-16 residues that scatter it into bin 8.)"""
+    x = torch.randn(2, 3, 1, 32, generator=torch.Generator().manual_seed(0)).expand(2, 3, 32, 32).contiguous()
+    h = HOG(9, 8, gradient).histograms(x)
+    assert h[:, :, 1:].abs().max() == 0 and h[:, :, 0].sum() > 0
+
+
+def test_per_patch_layout_108_at_patch16():
+    x = images(n=1, size=32)[:2].float()
+    x = torch.nn.functional.interpolate(x, size=224)
+    hist = HOG(9, 8)(x)  # [2, 3, 9, 28, 28]
+    t = cells_to_patches(hist, 2)
+    assert t.shape == (2, 196, 108)
+    # patch (row 3, col 5), value (channel 2, bin 7, cell row 1, cell col 0), SlowFast's order
+    assert t[1, 3 * 14 + 5, 2 * 36 + 7 * 4 + 1 * 2 + 0] == hist[1, 2, 7, 3 * 2 + 1, 5 * 2 + 0]
+    assert torch.equal(patches_to_cells(t, 3, 9, 2), hist)
+
+
+def test_batched_equals_per_image_and_autocast_keeps_float32():
+    x = images().float()
+    hog = HOG(9, 4, "sobel")
+    batched = hog(x)
+    assert torch.allclose(batched, torch.cat([hog(x[i:i + 1]) for i in range(len(x))]), atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        auto = hog(x)
+    assert auto.dtype == torch.float32 and torch.allclose(auto, batched, atol=1e-6)
+    assert hog.state_dict() == {}  # fixed kernels are not checkpointed
+
+
+def test_glyphs_draw_lines_along_edges():
+    hist = torch.zeros(1, 3, 9, 1, 1)
+    hist[0, :, 0, 0, 0] = 1.0  # gradient ~10 deg (along columns): the edge, and the line, is near vertical
+    img = hog_glyphs(hist, 9)[0, 0]
+    assert img.shape == (9, 9) and 0 <= img.min() and img.max() <= 1
+    assert img[:, 4].sum() > 3 * img[4, :].sum() - 1e-6 and img[:, 4].sum() > 5

@@ -1,0 +1,182 @@
+"""Frozen feature extractors ("teachers") whose patch features VQ-KD regresses and k-means clusters.
+
+Named by one string, never downloaded:
+- `timm:<model name>` with a local weights file (a state dict as .pth/.pt/.bin or .safetensors);
+- `openclip:<model name>` (e.g. openclip:ViT-B-16) with a local weights file, when open_clip is installed;
+- `mimkit:<checkpoint.pt>`: the encoder of a mimkit pretraining checkpoint (its own weights).
+
+A teacher takes images normalized with any stats, converts them to its own normalization and input size, and
+returns patch features [B, grid * grid, D] resampled to the requested token grid. `spec` holds plain values
+that rebuild the architecture without weights, so a k-means tokenizer on teacher features stores the teacher
+inside its own file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mimkit.checkpoint import CheckpointError
+from mimkit.config import ConfigError
+
+from .base import renormalize, resize
+
+SOURCES = ("timm", "openclip", "mimkit")
+
+
+class Teacher(nn.Module):
+    def __init__(self, spec: dict):
+        super().__init__()
+        self.spec = dict(spec)
+        source = spec["source"]
+        if source == "timm":
+            self.model, self.input_size, self.mean, self.std = _timm_model(spec)
+        elif source == "openclip":
+            self.model, self.input_size, self.mean, self.std = _openclip_visual(spec)
+        elif source == "mimkit":
+            self.model, self.input_size, self.mean, self.std = _mimkit_encoder(spec)
+        else:
+            raise ConfigError(f"teacher source {source!r} is not valid; choose one of: {', '.join(SOURCES)}")
+        self.eval().requires_grad_(False)
+
+    def train(self, mode: bool = True) -> "Teacher":
+        return super().train(False)  # always frozen: dropout/drop-path off even inside a training tokenizer
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Patch features [B, n, D] of images already at input_size in the teacher's normalization."""
+        source = self.spec["source"]
+        if source == "timm":
+            out = self.model.forward_features(x)
+            if out.dim() == 4:  # CNN feature map [B, C, h, w]
+                return out.flatten(2).transpose(1, 2)
+            return out[:, getattr(self.model, "num_prefix_tokens", 1):]
+        if source == "openclip":
+            _, tokens = self.model(x)  # output_tokens=True: tokens after ln_post, before the projection
+            proj = getattr(self.model, "proj", None)
+            return tokens @ proj if proj is not None else tokens  # BEiT v2: CLIP tokens projected (512-d)
+        return self.model(x)[:, 1:]
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor, stats: tuple, grid: int) -> torch.Tensor:
+        """images normalized with stats=(mean, std) -> features [B, grid * grid, D] (float32)."""
+        x = resize(renormalize(images, stats, (self.mean, self.std)), self.input_size)
+        feats = self.tokens(x).float()
+        B, n, D = feats.shape
+        g = int(round(n ** 0.5))
+        if g != grid:  # resample the feature map to the token grid
+            fmap = feats.transpose(1, 2).reshape(B, D, g, g)
+            fmap = F.interpolate(fmap, size=(grid, grid), mode="bilinear", align_corners=False, antialias=g > grid)
+            feats = fmap.flatten(2).transpose(1, 2)
+        return feats
+
+    @torch.no_grad()
+    def feature_dim(self) -> int:
+        return self.tokens(torch.zeros(1, 3, self.input_size, self.input_size)).shape[-1]
+
+
+def _timm_model(spec: dict):
+    import timm
+    from timm.data import resolve_model_data_config
+    kwargs = dict(spec.get("kwargs") or {})
+    try:
+        model = timm.create_model(spec["name"], pretrained=False, **kwargs)
+    except RuntimeError as e:  # unknown model name
+        raise ConfigError(f"teacher timm:{spec['name']}: {e}") from None
+    data = resolve_model_data_config(model)
+    size = kwargs.get("img_size") or data["input_size"][-1]
+    return model, int(size), list(data["mean"]), list(data["std"])
+
+
+def _openclip_visual(spec: dict):
+    try:
+        import open_clip
+    except ImportError:
+        raise ConfigError("teacher openclip:... needs the open_clip package (pip install open_clip_torch)") from None
+    visual = open_clip.create_model(spec["name"]).visual  # architecture only; load_teacher loads the weights
+    visual.output_tokens = True
+    size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
+    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    return visual, int(size), list(mean), list(std)
+
+
+def _mimkit_encoder(spec: dict):
+    from mimkit.config import ModelConfig, from_dict
+    from mimkit.vit import build_encoder
+    model = build_encoder(from_dict(ModelConfig, spec["model"]), spec["img_size"])
+    return model, int(spec["img_size"]), list(spec["mean"]), list(spec["std"])
+
+
+def read_path(path: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"teacher weights {path!r}: no such file (teachers are never downloaded)")
+    return p
+
+
+def read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    """A state dict from a local file: safetensors, or a torch file read with weights_only=True (a bare state
+    dict, or one under "state_dict" / "model")."""
+    p = read_path(path)
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(p))
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise CheckpointError(f"cannot read teacher weights {path} ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:200]})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} does not hold a state dict")
+    return state
+
+
+def load_teacher(name: str, weights: str = "", img_size: int = 0) -> Teacher:
+    """`timm:<name>`, `openclip:<name>` or `mimkit:<checkpoint>` with its local weights, frozen."""
+    source, sep, rest = name.partition(":")
+    if not sep or source not in SOURCES or not rest:
+        raise ConfigError(f"teacher={name!r} is not valid; use timm:<model> (with teacher.weights), "
+                          f"openclip:<model> (with teacher.weights) or mimkit:<pretrain checkpoint>")
+    if source == "mimkit":
+        from mimkit import checkpoint
+        from mimkit.config import Config, from_dict, to_dict
+        from mimkit.data import dataset_stats
+        ckpt = checkpoint.load(rest)
+        cfg = from_dict(Config, ckpt["config"])
+        mean, std = dataset_stats(cfg.data.name)
+        teacher = Teacher({"source": "mimkit", "model": to_dict(cfg.model), "img_size": cfg.data.img_size,
+                           "mean": list(mean), "std": list(std)})
+        state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+        teacher.model.load_state_dict(state)
+        return teacher.eval()
+    if not weights:
+        raise ConfigError(f"teacher {name} needs teacher.weights: a local weights file (nothing is downloaded)")
+    if source == "openclip":
+        teacher = Teacher({"source": "openclip", "name": rest})
+        import open_clip
+        full = open_clip.create_model(rest, pretrained=str(read_path(weights)))
+        teacher.model.load_state_dict(full.visual.state_dict())
+        return teacher.eval()
+    teacher = Teacher({"source": "timm", "name": rest, "kwargs": {"img_size": img_size} if img_size else {}})
+    _load_timm_state(teacher.model, read_state_dict(weights), weights)
+    return teacher.eval()
+
+
+def _load_timm_state(model: nn.Module, state: dict, path: str) -> None:
+    pos = getattr(model, "pos_embed", None)
+    if isinstance(pos, torch.Tensor) and "pos_embed" in state and state["pos_embed"].shape != pos.shape:
+        from timm.layers import resample_abs_pos_embed  # a teacher run at another input size
+        prefix = 0 if getattr(model, "no_embed_class", False) else getattr(model, "num_prefix_tokens", 1)
+        state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.patch_embed.grid_size),
+                                                    num_prefix_tokens=prefix)
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith(classifier)]
+    if missing:
+        raise CheckpointError(f"teacher weights {path} do not fit the model: missing {', '.join(missing[:5])}"
+                              f"{' ...' if len(missing) > 5 else ''}")

@@ -1,0 +1,162 @@
+"""BEiT v2's tokenizer: vector-quantized knowledge distillation (microsoft/unilm beit2).
+
+ViT encoder -> MLP (Linear, Tanh, Linear) to a 32-d code space, L2-normalized; a codebook of L2-normalized
+codes, nearest code by cosine; the codebook follows the encoder by EMA (decay 0.99): each used code moves to
+l2norm(decay * code + (1 - decay) * l2norm(mean of its assigned vectors)); it is initialized by spherical
+k-means on the first batch, and codes whose EMA usage falls below `restart` x the mean usage are restarted on
+random encoder outputs (BEiT v2 watches for collapse; this makes it recover). Straight-through estimator
+with a commitment loss beta * ||sg(q) - z||^2; a shallow ViT decoder on the code grid regresses the teacher's
+patch features with 1 - cosine similarity.
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from mimkit.vit import ViT
+
+from .base import Tokenizer, register_tokenizer, resize
+from .kmeans import assign, fit_kmeans
+
+
+def _all_reduce(t: torch.Tensor) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t)
+    return t
+
+
+class NormEMAQuantizer(nn.Module):
+    def __init__(self, vocab_size: int, dim: int, decay: float = 0.99, beta: float = 1.0, restart: float = 0.0):
+        super().__init__()
+        self.vocab_size, self.dim, self.decay, self.beta, self.restart = vocab_size, dim, decay, beta, restart
+        self.register_buffer("codebook", F.normalize(torch.randn(vocab_size, dim), dim=-1))
+        self.register_buffer("usage", torch.zeros(vocab_size))  # EMA of assignments per step
+        self.register_buffer("initialized", torch.tensor(False))
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """ids of the nearest codes by cosine (z and codes are unit vectors)."""
+        return assign(z, self.codebook, spherical=True)
+
+    @torch.no_grad()
+    def init_codebook(self, z: torch.Tensor) -> None:
+        """Spherical k-means on the first batch (with fewer vectors than codes: random vectors of the batch)."""
+        if len(z) >= 4 * self.vocab_size:
+            centers = torch.from_numpy(fit_kmeans(z.float().cpu().numpy(), self.vocab_size, niter=10, spherical=True))
+        else:
+            centers = z[torch.randint(len(z), (self.vocab_size,), device=z.device)].float().cpu()
+        self.codebook.copy_(F.normalize(centers.to(z.device), dim=-1))
+        if dist.is_available() and dist.is_initialized():
+            dist.broadcast(self.codebook, 0)
+        self.usage.fill_(len(z) / self.vocab_size)
+        self.initialized.fill_(True)
+
+    @torch.no_grad()
+    def ema_update(self, z: torch.Tensor, ids: torch.Tensor) -> None:
+        counts = _all_reduce(torch.bincount(ids, minlength=self.vocab_size).float())
+        sums = _all_reduce(torch.zeros_like(self.codebook).index_add_(0, ids, z.float()))
+        used = (counts > 0).unsqueeze(1)
+        means = F.normalize(sums / counts.clamp_min(1).unsqueeze(1), dim=-1)
+        target = torch.where(used, means, self.codebook)  # unused codes keep their place
+        self.codebook.copy_(F.normalize(self.decay * self.codebook + (1 - self.decay) * target, dim=-1))
+        self.usage.mul_(self.decay).add_(counts, alpha=1 - self.decay)
+        if self.restart > 0:
+            dead = self.usage < self.restart * self.usage.mean()
+            n = int(dead.sum())
+            if n:
+                self.codebook[dead] = z[torch.randint(len(z), (n,), device=z.device)].float()
+                self.usage[dead] = self.usage.mean()
+                if dist.is_available() and dist.is_initialized():
+                    dist.broadcast(self.codebook, 0)
+
+    def forward(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """z [M, dim] (L2-normalized) -> (straight-through quantized z [M, dim], ids [M], commitment loss)."""
+        if self.training and not bool(self.initialized):
+            self.init_codebook(z.detach())
+        ids = self.nearest(z.detach())
+        q = self.codebook[ids].clone()  # before this step's EMA update, as in BEiT v2
+        if self.training:
+            self.ema_update(z.detach(), ids)
+        commit = self.beta * F.mse_loss(z.float(), q)  # pulls the encoder to its code; codes move by EMA only
+        return z + (q - z).detach(), ids, commit
+
+
+def task_mlp(dim: int, out: int) -> nn.Sequential:
+    mlp = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, out))
+    for m in mlp:
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            nn.init.zeros_(m.bias)
+    return mlp
+
+
+@register_tokenizer("vqkd")
+class VQKD(Tokenizer):
+    def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
+                 teacher_dim: int, embed_dim: int = 768, depth: int = 12, num_heads: int = 12, code_dim: int = 32,
+                 decoder_depth: int = 1, decoder_embed_dim: int = 768, decoder_num_heads: int = 12,
+                 decay: float = 0.99, beta: float = 1.0, restart: float = 0.0):
+        super().__init__(img_size, grid, vocab_size, mean, std)
+        self.args = dict(teacher_dim=teacher_dim, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
+                         code_dim=code_dim, decoder_depth=decoder_depth, decoder_embed_dim=decoder_embed_dim,
+                         decoder_num_heads=decoder_num_heads, decay=decay, beta=beta, restart=restart)
+        self.encoder = ViT(img_size, img_size // grid, 3, embed_dim, depth, num_heads)
+        self.encode_task = task_mlp(embed_dim, code_dim)
+        self.quantizer = NormEMAQuantizer(vocab_size, code_dim, decay, beta, restart)
+        # the decoder is a ViT over the code grid: patch size 1, one "pixel" = one 32-d code
+        self.decoder = ViT(grid, 1, code_dim, decoder_embed_dim, decoder_depth, decoder_num_heads)
+        self.decode_task = task_mlp(decoder_embed_dim, teacher_dim)
+
+    def hparams(self) -> dict:
+        return dict(self.args)
+
+    def codes(self, images: torch.Tensor) -> torch.Tensor:
+        """L2-normalized code-space vectors [B, N, code_dim] of images at img_size."""
+        x = self.encoder(images)[:, 1:]
+        with torch.autocast(x.device.type, enabled=False):  # BEiT v2 runs the task layer and VQ in float32
+            return F.normalize(self.encode_task(x.float()), dim=-1)
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        z = self.codes(images)
+        return self.quantizer.nearest(z.flatten(0, 1)).view(z.shape[:2])
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """images at img_size -> (predicted teacher features [B, N, teacher_dim], ids [B, N], commitment loss)."""
+        z = self.codes(images)
+        B, N, C = z.shape
+        q, ids, commit = self.quantizer(z.flatten(0, 1))
+        grid_codes = q.view(B, self.grid, self.grid, C).permute(0, 3, 1, 2)
+        rec = self.decode_task(self.decoder(grid_codes)[:, 1:])
+        return rec, ids.view(B, N), commit
+
+
+def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of 1 - cos(pred, target)."""
+    return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+
+
+class VQKDTraining:
+    """Loss and evaluation for `mimkit tokenizer train` with kind=vqkd; the teacher stays outside the
+    tokenizer (it is not needed to encode)."""
+
+    def __init__(self, tok: VQKD, teacher: nn.Module):
+        self.tok, self.teacher = tok, teacher
+
+    def targets(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.teacher(imgs, (self.tok.mean, self.tok.std), self.tok.grid)
+
+    def loss(self, imgs: torch.Tensor, progress: float) -> dict:
+        target = self.targets(imgs)
+        rec, ids, commit = self.tok(resize(imgs, self.tok.img_size))
+        rec_loss = cosine_loss(rec, target)
+        return {"loss": rec_loss + commit, "rec_loss": rec_loss.detach(), "commit_loss": commit.detach(),
+                "batch_codes_used": float(ids.unique().numel())}
+
+    @torch.no_grad()
+    def evaluate(self, imgs: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        rec, ids, commit = self.tok(resize(imgs, self.tok.img_size))  # eval mode: no EMA update
+        return ids, {"rec_loss": cosine_loss(rec, self.targets(imgs)).item(), "commit_loss": commit.item()}
+
+    def panel(self, imgs: torch.Tensor) -> None:
+        return None
