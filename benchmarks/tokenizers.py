@@ -49,7 +49,7 @@ def run(batch: int = 256, repeats: int = 3) -> dict:
             row = step_throughput(method, batch, repeats, extra=(f"target.tokenizer={path}",))
             tok = Tokenizer.load(path).to(device)
 
-            def encode():
+            def encode(tok=tok):
                 with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     tok.encode(imgs)
 

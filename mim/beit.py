@@ -18,7 +18,9 @@ from torch import nn
 from mimkit.tokenizers.base import load_for_method, token_accuracy
 
 from .config import ConfigError
-from .methods import Method, register
+from .data import denormalize
+from .methods import Method, image_grid, register
+from .targets import patchify, unpatchify
 from .vit import make_blocks
 
 BEIT_RECIPE = {
@@ -28,6 +30,19 @@ BEIT_RECIPE = {
     "optim.blr": 1.5e-3, "optim.lr_batch_ref": 2048, "optim.betas": [0.9, 0.98], "optim.weight_decay": 0.05,
     "optim.warmup_epochs": 10, "optim.clip_grad": 3.0, "data.crop_scale": [0.08, 1.0],
 }
+
+
+def hits_panel(imgs: torch.Tensor, mask: torch.Tensor, hits: torch.Tensor, p: int, data_name: str) -> torch.Tensor:
+    """The panel of the discrete-target methods: rows original / masked / masked patches tinted green where the
+    predicted id is the tokenizer's and red where it is not."""
+    x = denormalize(imgs.float(), data_name)
+    patches = patchify(x, p)
+    green, red = (torch.tensor(c, device=x.device).repeat(p * p) for c in ([0.1, 0.9, 0.1], [0.9, 0.1, 0.1]))
+    tint = torch.where(hits.unsqueeze(-1), green, red)
+    m = mask.unsqueeze(-1)
+    masked = torch.where(m, torch.zeros_like(patches), patches)
+    tinted = torch.where(m, 0.5 * patches + 0.5 * tint, patches)
+    return image_grid([x, unpatchify(masked, p, x.shape[1]), unpatchify(tinted, p, x.shape[1])])
 
 
 @register("beit")
@@ -51,6 +66,13 @@ class BEiT(Method):
         target = self.tokenizer(imgs)  # [B, N] ids, frozen and without gradients
         loss, acc = self.ce(self.encoder(imgs, mask, mode="token"), target, mask)
         return {"loss": loss, "acc": acc}
+
+    panel_name = "original_masked_hits"
+
+    @torch.no_grad()
+    def visualize(self, imgs, mask, data_name):
+        pred = self.head(self.encoder(imgs, mask, mode="token")[:, 1:]).argmax(-1)
+        return hits_panel(imgs, mask, pred == self.tokenizer(imgs), self.patch_size, data_name)
 
 
 @register("beitv2")

@@ -6,10 +6,12 @@ configs/tokenizer/kmeans_*.yaml) fitted on raw patch pixels or on a frozen teach
 are computed from the same augmented view the encoder sees, by the frozen tokenizer."""
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 
 from mimkit.tokenizers.base import load_for_method, token_accuracy
 
+from .beit import hits_panel
 from .methods import MAE, masked_mean, register
 
 
@@ -28,5 +30,9 @@ class ClusterMIM(MAE):
         loss = masked_mean(F.cross_entropy(logits.transpose(1, 2), target, reduction="none"), mask)
         return {"loss": loss, "acc": token_accuracy(logits[mask], target[mask]), "pred": logits}
 
-    def reconstruct(self, imgs, mask):
-        return None  # the target is ids, not pixels
+    panel_name = "original_masked_hits"
+
+    @torch.no_grad()
+    def visualize(self, imgs, mask, data_name):
+        hits = self.predict(imgs, mask).argmax(-1) == self.tokenizer(imgs)
+        return hits_panel(imgs, mask, hits, self.patch_size, data_name)

@@ -162,7 +162,8 @@ def test_cli_trains_kmeans_on_digits_with_usage_floor(tmp_path):
     assert m["heldout_usage"] >= 0.9 and m["heldout_perplexity"] > 20, m  # floor: 90% of 64 codes held out
     tok = Tokenizer.load(out / "tokenizer.pt")
     assert (tok.grid, tok.vocab_size, tok.dim) == (4, 64, 12)
-    assert main(["tokenizer", "train", "kind=kmeans", "data.name=digits", f"output_dir={out}"]) == 2  # no silent overwrite
+    # an existing run is never overwritten silently
+    assert main(["tokenizer", "train", "kind=kmeans", "data.name=digits", f"output_dir={out}"]) == 2
 
 
 def test_method_checks_grid_and_vocab_before_training(cfg_factory, tmp_path):
@@ -181,7 +182,12 @@ def test_method_checks_grid_and_vocab_before_training(cfg_factory, tmp_path):
         load_for_method(cfg_factory("method=clustermim", "target.tokenizer=missing.pt"), 4)
 
 
-def test_tokenizer_config_errors():
+def test_tokenizer_config_errors(tmp_path):
+    out = tmp_path / "never"
+    with pytest.raises(checkpoint.CheckpointError, match="checkpoint not found"):  # before anything is written
+        train_tokenizer(tokenizer_config([], ["kind=vqkd", "data.name=digits", "teacher.name=mimkit:missing.pt",
+                                              f"output_dir={out}"]))
+    assert not out.exists()
     with pytest.raises(ConfigError, match="kind"):
         tokenizer_config([], ["kind=vqvae"])
     with pytest.raises(ConfigError, match="teacher.name"):

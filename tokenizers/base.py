@@ -73,7 +73,8 @@ class Tokenizer(nn.Module):
         ckpt = checkpoint.load(path, kind="tokenizer")
         kind = ckpt.get("kind")
         if kind not in TOKENIZERS:
-            raise checkpoint.CheckpointError(f"{path}: unknown tokenizer kind {kind!r} (known: {', '.join(TOKENIZERS)})")
+            raise checkpoint.CheckpointError(f"{path}: unknown tokenizer kind {kind!r} "
+                                             f"(known: {', '.join(TOKENIZERS)})")
         tok = TOKENIZERS[kind](**ckpt["config"])
         try:
             tok.load_state_dict(ckpt["state"])

@@ -10,8 +10,9 @@ EXAMPLES = """kinds: kmeans (ClusterMIM), dvae (BEiT), vqkd (BEiT v2)
 examples:
   mimkit tokenizer train --config configs/tokenizer/kmeans_digits.yaml
   mimkit tokenizer train --config configs/tokenizer/dvae_digits.yaml epochs=20
-  mimkit tokenizer train --config configs/tokenizer/vqkd_vit_tiny_cifar10.yaml teacher.name=mimkit:runs/mae/checkpoints/last.pt
-then: mimkit pretrain method=clustermim target.tokenizer=runs/tokenizer_kmeans_digits/tokenizer.pt"""
+  mimkit tokenizer train --config configs/tokenizer/vqkd_digits.yaml teacher.name=mimkit:runs/x/checkpoints/last.pt
+  mimkit tokenizer info runs/tokenizer_kmeans_digits/tokenizer.pt
+then: mimkit pretrain --config configs/pretrain/clustermim_digits.yaml"""
 
 
 def cmd_train(args) -> int:

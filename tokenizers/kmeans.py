@@ -76,13 +76,15 @@ def faiss_gpus() -> int:
 
 
 def fit_kmeans(x: np.ndarray, k: int, niter: int = 20, spherical: bool = False, seed: int = 0,
-               init: np.ndarray | None = None, max_points_per_centroid: int = 256, gpu: bool | None = None,
-               verbose: bool = False) -> np.ndarray:
+               init: np.ndarray | None = None, max_points_per_centroid: int = 1024, gpu: bool | None = None,
+               threads: int = 0, verbose: bool = False) -> np.ndarray:
     """FAISS k-means on rows of x [n, d] (float32) -> centers [k, d].
 
-    FAISS subsamples max_points_per_centroid * k rows (its default, 256): at d ~ 48 the distance step is
-    memory-bound and the subsample reaches within ~1% of the full-data inertia several times faster.
-    `init` fixes the initial centers (tests, benchmarks); `gpu=None` uses a GPU index when FAISS sees one."""
+    FAISS fits on a random subsample of max_points_per_centroid * k rows. Measured on 1M CIFAR-10 4x4 patches
+    with K=512 (benchmarks/kmeans.py): FAISS's default of 256 per centre stalls at +1.7% over Lloyd's converged
+    inertia, 1024 reaches +1.0% in 20 iterations, several times faster than Lloyd on all points.
+    `init` fixes the initial centers (tests, benchmarks); `gpu=None` uses a GPU index when FAISS sees one;
+    `threads` > 0 sets FAISS's OpenMP threads (0 keeps its default, all cores)."""
     import faiss
     x = np.ascontiguousarray(x, dtype=np.float32)
     if len(x) < k:
@@ -92,7 +94,13 @@ def fit_kmeans(x: np.ndarray, k: int, niter: int = 20, spherical: bool = False, 
                       max_points_per_centroid=max_points_per_centroid, gpu=bool(use_gpu))
     if init is not None:
         init = np.ascontiguousarray(init, dtype=np.float32)
-    km.train(x, init_centroids=init)
+    default_threads = faiss.omp_get_max_threads()
+    if threads > 0:
+        faiss.omp_set_num_threads(threads)
+    try:
+        km.train(x, init_centroids=init)
+    finally:
+        faiss.omp_set_num_threads(default_threads)
     return km.centroids
 
 

@@ -175,7 +175,7 @@ def _load_timm_state(model: nn.Module, state: dict, path: str) -> None:
         state["pos_embed"] = resample_abs_pos_embed(state["pos_embed"], list(model.patch_embed.grid_size),
                                                     num_prefix_tokens=prefix)
     classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier", "head")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing, _ = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.startswith(classifier)]
     if missing:
         raise CheckpointError(f"teacher weights {path} do not fit the model: missing {', '.join(missing[:5])}"

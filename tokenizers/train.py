@@ -7,18 +7,16 @@ kinds, checkpoints/last.pt from which resume=auto continues.
 from __future__ import annotations
 
 import json
-import shutil
 import sys
 import time
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-import yaml
 from tqdm import tqdm
 
-from mimkit import checkpoint, dist
-from mimkit.config import ConfigError, diff, dump_yaml, to_dict
+from mimkit import checkpoint, dist, rundir
+from mimkit.config import ConfigError, to_dict
 from mimkit.data import (EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats, eval_transform,
                          make_loader, pretrain_transform)
 from mimkit.engine import RunLog, build_optimizer, effective_lr, lr_at
@@ -33,7 +31,6 @@ from .vqkd import VQKD, VQKDTraining
 # keys that may change when a run is resumed
 RESUMABLE_CHANGES = ("epochs", "resume", "overwrite", "output_dir", "device", "data.num_workers", "data.root",
                      "vis_every", "ckpt_every", "eval_limit")
-RUN_FILES = ("checkpoints", "tb", "metrics.json", "log.txt", "tokenizer.pt")
 
 
 def resolve_output_dir(cfg: TokenizerConfig) -> Path:
@@ -42,31 +39,25 @@ def resolve_output_dir(cfg: TokenizerConfig) -> Path:
     return Path(cfg.output_dir)
 
 
-def prepare_run_dir(cfg: TokenizerConfig) -> Path | None:
-    """Create or check the run directory (never overwritten silently); returns the checkpoint to resume."""
+def check_run_dir(cfg: TokenizerConfig) -> Path | None:
+    """The shared run-directory checks (mimkit.rundir), plus: a finished k-means / imported run (a tokenizer
+    and no training checkpoint) is never redone silently. Returns the checkpoint to resume from."""
     out = resolve_output_dir(cfg)
-    saved, last = out / "config.yaml", out / "checkpoints" / "last.pt"
-    if saved.exists() and not cfg.overwrite:
-        if cfg.resume == "none" or (out / "tokenizer.pt").exists() and not last.exists():
-            raise ConfigError(f"output_dir {out} already holds a tokenizer run; use overwrite=true to start afresh "
-                              f"or another output_dir")
-        changed = [k for k in diff(yaml.safe_load(saved.read_text()), cfg) if not k.startswith(RESUMABLE_CHANGES)]
-        if changed:
-            raise ConfigError(f"output_dir {out} holds a run with a different config ({', '.join(changed)}); "
-                              f"use another output_dir or overwrite=true")
-    if cfg.overwrite:
-        for name in RUN_FILES:
-            p = out / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        checkpoint.atomic_write_text(saved, dump_yaml(cfg))
-    except OSError as e:
-        raise ConfigError(f"cannot write to output_dir {out}: {e.strerror}") from None
-    return last if cfg.resume == "auto" and last.exists() else None
+    if (out / "tokenizer.pt").exists() and not (out / "checkpoints" / "last.pt").exists() and not cfg.overwrite:
+        raise ConfigError(f"output_dir {out} already holds a tokenizer; use overwrite=true to start afresh "
+                          f"or another output_dir")
+    return rundir.check(out, cfg, cfg.resume, cfg.overwrite, RESUMABLE_CHANGES)
 
 
-def build_trainable(cfg: TokenizerConfig, stats: tuple, grid: int, device: torch.device):
+def load_cfg_teacher(cfg: TokenizerConfig):
+    """The frozen teacher of a vqkd run or a teacher-feature k-means run (None otherwise)."""
+    t = cfg.teacher
+    if cfg.kind == "vqkd" or (cfg.kind == "kmeans" and cfg.kmeans.features == "teacher"):
+        return load_teacher(t.name, t.weights, t.img_size)
+    return None
+
+
+def build_trainable(cfg: TokenizerConfig, stats: tuple, grid: int, teacher, device: torch.device):
     """(tokenizer, its training helper) for kind dvae / vqkd."""
     mean, std = (list(v) for v in stats)
     img = cfg.data.img_size
@@ -78,17 +69,16 @@ def build_trainable(cfg: TokenizerConfig, stats: tuple, grid: int, device: torch
             tok = DVAE(img, grid, cfg.vocab_size, mean, std, dvae_input_size(cfg), d.groups, d.hidden,
                        d.blocks_per_group)
         return tok.to(device), DVAETraining(tok, d)
-    v, t = cfg.vqkd, cfg.teacher
-    teacher = load_teacher(t.name, t.weights, t.img_size).to(device)
+    v = cfg.vqkd
+    teacher = teacher.to(device)
     tok = VQKD(img, grid, cfg.vocab_size, mean, std, teacher.feature_dim(), v.embed_dim, v.depth, v.num_heads,
                v.code_dim, v.decoder_depth, v.decoder_embed_dim, v.decoder_num_heads, v.decay, v.beta, v.restart)
     return tok.to(device), VQKDTraining(tok, teacher)
 
 
-def fit_kmeans(cfg: TokenizerConfig, train_set, stats: tuple, grid: int, device: torch.device, log) -> tuple:
-    k, t = cfg.kmeans, cfg.teacher
-    teacher = load_teacher(t.name, t.weights, t.img_size) if k.features == "teacher" else None
-    p = cfg.patch_size
+def fit_kmeans_tokenizer(cfg: TokenizerConfig, train_set, stats: tuple, grid: int, teacher, device: torch.device,
+                         log) -> tuple:
+    k, p = cfg.kmeans, cfg.patch_size
     dim = teacher.feature_dim() if teacher is not None else p * p * 3
     tok = KMeansTokenizer(cfg.data.img_size, grid, cfg.vocab_size, list(stats[0]), list(stats[1]), dim, k.norm_pix)
     tok.teacher = teacher
@@ -157,8 +147,8 @@ def fit_trainable(cfg: TokenizerConfig, tok: Tokenizer, training, train_set, tes
                     g["lr"] = lr
             imgs = imgs.to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                out_ = training.loss(imgs, (epoch * steps + it) / (cfg.epochs * steps))
-            loss = out_["loss"]
+                outputs = training.loss(imgs, (epoch * steps + it) / (cfg.epochs * steps))
+            loss = outputs["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite tokenizer loss at step {step} (epoch {epoch + 1})")
             (loss / cfg.accum_iter).backward()
@@ -168,7 +158,7 @@ def fit_trainable(cfg: TokenizerConfig, tok: Tokenizer, training, train_set, tes
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
-            scalars = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in out_.items()}
+            scalars = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in outputs.items()}
             for k, v in scalars.items():
                 sums[k] += v
                 writer.add_scalar(f"train/{k}", v, step)
@@ -188,9 +178,9 @@ def fit_trainable(cfg: TokenizerConfig, tok: Tokenizer, training, train_set, tes
         log(f"epoch {epoch + 1}/{cfg.epochs} " + " ".join(f"{k} {v:.4g}" for k, v in record.items()
                                                           if k not in ("epoch", "seconds", "val_codes_used")))
         if (epoch + 1) % cfg.ckpt_every == 0 or epoch + 1 == cfg.epochs:
-            checkpoint.save({"mimkit": "tokenizer_train", "model": tok.state_dict(), "optimizer": optimizer.state_dict(),
-                             "epoch": epoch, "step": step, "history": history, "config": to_dict(cfg),
-                             "rng": checkpoint.rng_state()}, ckpt_path)
+            checkpoint.save({"mimkit": "tokenizer_train", "model": tok.state_dict(),
+                             "optimizer": optimizer.state_dict(), "epoch": epoch, "step": step, "history": history,
+                             "config": to_dict(cfg), "rng": checkpoint.rng_state()}, ckpt_path)
     return history
 
 
@@ -198,23 +188,24 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
     validate(cfg)
     device = dist.init(cfg.device)
     out = resolve_output_dir(cfg)
-    resume_from = prepare_run_dir(cfg)
-    log = RunLog(out)
-    torch.manual_seed(cfg.seed)
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(out / "tb"))
-    stats = dataset_stats(cfg.data.name)
-    grid = cfg.data.img_size // cfg.patch_size
+    resume_from = check_run_dir(cfg)  # checks, data and teacher first: a bad input leaves no files behind
     train_set = build_dataset(cfg.data, "train", cfg.data.limit)
     test_set = Transformed(build_dataset(cfg.data, "test", cfg.eval_limit), eval_transform(cfg.data))
+    teacher = load_cfg_teacher(cfg)
+    stats = dataset_stats(cfg.data.name)
+    grid = cfg.data.img_size // cfg.patch_size
+    torch.manual_seed(cfg.seed)
+    tok, training = (None, None) if cfg.kind == "kmeans" else build_trainable(cfg, stats, grid, teacher, device)
+    rundir.write(out, cfg, cfg.overwrite, rundir.RUN_FILES + ("tokenizer.pt",))
+    log = RunLog(out)
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(out / "tb"))
     test_loader = make_loader(test_set, 256, cfg.data)
     t0 = time.perf_counter()
     history, fit = [], {}
     if cfg.kind == "kmeans":
-        tok, fit = fit_kmeans(cfg, train_set, stats, grid, device, log)
-        training = None
+        tok, fit = fit_kmeans_tokenizer(cfg, train_set, stats, grid, teacher, device, log)
     else:
-        tok, training = build_trainable(cfg, stats, grid, device)
         if cfg.kind == "dvae" and cfg.dvae.dalle_encoder:
             log(f"imported DALL-E's encoder from {cfg.dvae.dalle_encoder} (no training)")
         else:
