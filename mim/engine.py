@@ -75,11 +75,10 @@ def write_run_dir(cfg: Config) -> Path:
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     # No weight decay on biases, norms, tokens and 1-D parameters (timm's grouping, as in MAE).
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
-    # fused on CUDA; foreach (multi-tensor) on CPU. The fused CPU kernel is faster still (benchmarks/README.md)
-    # but a run resumed after kill -9 then differed from an uninterrupted one (tests/test_faults.py).
-    cuda = device.type == "cuda"
-    return torch.optim.AdamW(groups, lr=effective_lr(cfg), betas=tuple(cfg.optim.betas), fused=cuda or None,
-                             foreach=None if cuda else True)
+    # fused on CUDA. On CPU the fused kernel is faster (benchmarks/README.md) but a run resumed after kill -9
+    # then differed from an uninterrupted one (tests/test_faults.py), so CPU keeps the default loop, which is exact.
+    return torch.optim.AdamW(groups, lr=effective_lr(cfg), betas=tuple(cfg.optim.betas),
+                             fused=device.type == "cuda" or None)
 
 
 def save_checkpoint(path: Path, model, optimizer, epoch: int, step: int, cfg: Config, history: list,
