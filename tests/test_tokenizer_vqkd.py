@@ -101,6 +101,7 @@ def test_short_training_with_mimkit_teacher_loss_falls_and_codes_are_used(cfg_fa
     checkpoint.save({"mimkit": "pretrain", "model": MAE(cfg).state_dict(), "config": to_dict(cfg)}, tmp_path / "t.pt")
     m = train_tokenizer(tokenizer_config(["configs/tokenizer/vqkd_digits.yaml"], [
         f"teacher.name=mimkit:{tmp_path / 't.pt'}", f"output_dir={tmp_path / 'vqkd'}", "epochs=6", "batch_size=32",
-        "data.limit=512", "eval_limit=200", "vqkd.depth=2", "vis_every=6"]))
+        "data.limit=512", "eval_limit=200", "vqkd.depth=2", "vqkd.embed_dim=64", "vqkd.decoder_embed_dim=64",
+        "vis_every=6"]))
     assert m["final_loss"] < 0.5 * m["first_loss"], m["loss_history"]
     assert m["heldout_usage"] >= 0.3, m  # floor: 30% of the 256 codes used on held-out digits after 96 steps

@@ -84,7 +84,8 @@ def fit_kmeans(x: np.ndarray, k: int, niter: int = 20, spherical: bool = False, 
     with K=512 (benchmarks/kmeans.py): FAISS's default of 256 per centre stalls at +1.7% over Lloyd's converged
     inertia, 1024 reaches +1.0% in 20 iterations, several times faster than Lloyd on all points.
     `init` fixes the initial centers (tests, benchmarks); `gpu=None` uses a GPU index when FAISS sees one;
-    `threads` > 0 sets FAISS's OpenMP threads (0 keeps its default, all cores)."""
+    `threads` > 0 caps FAISS's OpenMP and BLAS threads (0 keeps their defaults, all cores): on a loaded machine
+    one thread was 3x faster than two spinning ones (benchmarks/kmeans.py)."""
     import faiss
     x = np.ascontiguousarray(x, dtype=np.float32)
     if len(x) < k:
@@ -94,11 +95,15 @@ def fit_kmeans(x: np.ndarray, k: int, niter: int = 20, spherical: bool = False, 
                       max_points_per_centroid=max_points_per_centroid, gpu=bool(use_gpu))
     if init is not None:
         init = np.ascontiguousarray(init, dtype=np.float32)
-    default_threads = faiss.omp_get_max_threads()
-    if threads > 0:
-        faiss.omp_set_num_threads(threads)
-    try:
+    if threads <= 0:
         km.train(x, init_centroids=init)
+        return km.centroids
+    from threadpoolctl import threadpool_limits
+    default_threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(threads)
+    try:
+        with threadpool_limits(limits=threads, user_api="blas"):  # FAISS's distance step is a BLAS sgemm
+            km.train(x, init_centroids=init)
     finally:
         faiss.omp_set_num_threads(default_threads)
     return km.centroids
@@ -128,13 +133,13 @@ def sample_features(tok: KMeansTokenizer, loader, max_samples: int, num_images: 
 
 
 def fit_tokenizer(tok: KMeansTokenizer, feats: torch.Tensor, niter: int, seed: int,
-                  max_points_per_centroid: int, log=print) -> dict:
+                  max_points_per_centroid: int, threads: int = 0, log=print) -> dict:
     """Fit the centers on sampled features; returns the fit's statistics."""
     x = feats.float()
     if tok.spherical:
         x = F.normalize(x, dim=-1)
     centers = fit_kmeans(x.numpy(), tok.vocab_size, niter=niter, spherical=tok.spherical, seed=seed,
-                         max_points_per_centroid=max_points_per_centroid)
+                         max_points_per_centroid=max_points_per_centroid, threads=threads)
     tok.centroids.copy_(torch.from_numpy(centers))
     obj = inertia(x, torch.from_numpy(centers), tok.spherical)
     log(f"k-means: {len(x)} samples x {x.shape[1]} dims, K={tok.vocab_size}, "

@@ -86,7 +86,7 @@ def fit_kmeans_tokenizer(cfg: TokenizerConfig, train_set, stats: tuple, grid: in
     # ClusterMIM samples patches of resized, center-cropped training images (no augmentation)
     loader = make_loader(Transformed(train_set, eval_transform(cfg.data)), cfg.batch_size, cfg.data, shuffle=True)
     feats = sample_features(tok, loader, k.max_samples, len(train_set), device, cfg.seed)
-    info = fit_tokenizer(tok, feats, k.niter, cfg.seed, k.max_points_per_centroid, log)
+    info = fit_tokenizer(tok, feats, k.niter, cfg.seed, k.max_points_per_centroid, k.threads, log)
     return tok, info
 
 
