@@ -26,6 +26,12 @@ def ws(tmp_path_factory):
     (root / "broken.yaml").write_text("optim: {blr: 1\n")
     (root / "unknown.yaml").write_text("optim:\n  lr: 0.1\n")
     (root / "afile").write_text("x")
+    # a k-means tokenizer for 16 px images with 4 px patches (grid 4x4), 8 codes
+    from mimkit.tokenizers.kmeans import KMeansTokenizer
+    tok = KMeansTokenizer(16, 4, 8, [0.5] * 3, [0.25] * 3, dim=48)
+    tok.centroids.copy_(torch.randn(8, 48, generator=torch.Generator().manual_seed(0)))
+    tok.save(root / "tok.pt")
+    torch.save({"model": {}}, root / "teacher.pth")  # a "teacher" weights file with no weights in it
     return root
 
 
@@ -74,6 +80,38 @@ CASES = [
      ["resume=auto"]),
     ("cuda without a gpu", ["pretrain", *SYN, "device=cuda"], ["cuda"]),
     ("unknown command", ["pretrian"], ["pretrian"]),
+    # discrete targets: the tokenizer must fit the method before anything trains
+    ("tokenizer grid mismatch", ["pretrain", *SYN, "method=clustermim", "data.img_size=32",
+                                 "target.tokenizer={ws}/tok.pt"], ["token grid"]),
+    ("tokenizer vocabulary mismatch", ["pretrain", *SYN, "method=clustermim", "target.vocab_size=16",
+                                       "target.tokenizer={ws}/tok.pt"], ["target.vocab_size"]),
+    ("tokenizer missing", ["pretrain", *SYN, "method=clustermim"], ["target.tokenizer"]),
+    ("tokenizer file missing", ["pretrain", *SYN, "method=clustermim", "target.tokenizer={ws}/none.pt"],
+     ["none.pt"]),
+    ("tokenizer is not a tokenizer", ["pretrain", *SYN, "method=beit", "target.tokenizer={ws}/run/checkpoints/last.pt"],
+     ["last.pt", "tokenizer"]),
+    # tokenizer training
+    ("tokenizer unknown kind", ["tokenizer", "train", "kind=vqvae"], ["kind", "vqkd"]),
+    ("tokenizer misspelled key", ["tokenizer", "train", "vocab_sise=64"], ["vocab_sise", "vocab_size"]),
+    ("teacher name unknown", ["tokenizer", "train", "kind=vqkd", "data.name=digits", "teacher.name=dino:vit",
+                              "output_dir={ws}/t1"], ["teacher.name"]),
+    ("teacher without weights", ["tokenizer", "train", "kind=vqkd", "data.name=digits",
+                                 "teacher.name=timm:vit_tiny_patch16_224", "output_dir={ws}/t2"], ["teacher.weights"]),
+    ("teacher weights unloadable", ["tokenizer", "train", "kind=vqkd", "data.name=digits",
+                                    "teacher.name=timm:vit_tiny_patch16_224", "teacher.weights={ws}/teacher.pth",
+                                    "output_dir={ws}/t3"], ["teacher.pth"]),
+    ("teacher checkpoint missing", ["tokenizer", "train", "kind=vqkd", "data.name=digits",
+                                    "teacher.name=mimkit:{ws}/none.pt", "output_dir={ws}/t4"], ["none.pt"]),
+    ("tokenizer info on a checkpoint", ["tokenizer", "info", "{ws}/run/checkpoints/last.pt"], ["last.pt", "tokenizer"]),
+    # probes, export and analysis
+    ("probe without checkpoint file", ["probe", "knn", "--checkpoint", "{ws}/none.pt"], ["none.pt"]),
+    ("probe on a foreign file", ["probe", "linear", "--checkpoint", "{ws}/foreign.pt"], ["foreign.pt", "not a mimkit"]),
+    ("probe misspelled key", ["probe", "knn", "--checkpoint", "{ws}/run/checkpoints/last.pt", "knn.kk=5"], ["knn.kk"]),
+    ("export of a text file", ["export", "--checkpoint", "{ws}/notes.txt", "--out", "{ws}/x.pt"], ["notes.txt"]),
+    ("analyze a missing tokenizer", ["analyze", "tokens", "--tokenizer", "{ws}/none.pt", "--out", "{ws}/a1"],
+     ["none.pt"]),
+    ("analyze predictions of an MAE run", ["analyze", "predictions", "--checkpoint", "{ws}/run/checkpoints/last.pt",
+                                           "--tokenizer", "{ws}/tok.pt", "--out", "{ws}/a2"], ["mae"]),
 ]
 
 

@@ -150,6 +150,30 @@ def test_timm_teacher_from_a_local_weights_file(tmp_path):
         load_teacher("dino:vit")
 
 
+def test_openclip_teacher_from_a_local_weights_file(tmp_path):
+    open_clip = pytest.importorskip("open_clip")
+    # a tiny CLIP registered from a config file: the path of a real one (openclip:ViT-B-16), without its size
+    tiny = {"embed_dim": 24, "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+            "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 32, "heads": 2, "layers": 1}}
+    (tmp_path / "cfg").mkdir()
+    (tmp_path / "cfg" / "mimkit-test-clip.json").write_text(json.dumps(tiny))
+    open_clip.add_model_config(tmp_path / "cfg")
+    torch.manual_seed(1)
+    clip = open_clip.create_model("mimkit-test-clip").eval()
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")  # the whole CLIP: the teacher keeps its image tower
+    torch.manual_seed(2)  # the teacher is built with other random weights: equal outputs mean the file was loaded
+    teacher = load_teacher("openclip:mimkit-test-clip", str(tmp_path / "clip.pt"))
+    x = torch.randn(2, 3, 32, 32)
+    clip.visual.output_tokens = True
+    with torch.no_grad():
+        expected = clip.visual(x)[1] @ clip.visual.proj  # patch tokens projected into CLIP's joint space
+    assert expected.shape == (2, 16, 24)
+    assert torch.allclose(teacher(x, (teacher.mean, teacher.std), grid=4), expected, atol=1e-5)
+    torch.save({"pos_embed": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(checkpoint.CheckpointError, match="other.pt"):
+        load_teacher("openclip:mimkit-test-clip", str(tmp_path / "other.pt"))
+
+
 def test_cli_trains_kmeans_on_digits_with_usage_floor(tmp_path):
     from mimkit.cli import main
     out = tmp_path / "km"

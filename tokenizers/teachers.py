@@ -112,7 +112,7 @@ def _mimkit_encoder(spec: dict):
 def read_path(path: str) -> Path:
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"teacher weights {path!r}: no such file (teachers are never downloaded)")
+        raise ConfigError(f"teacher.weights {path!r}: no such file (teachers are never downloaded)")
     return p
 
 
@@ -140,7 +140,7 @@ def load_teacher(name: str, weights: str = "", img_size: int = 0) -> Teacher:
     """`timm:<name>`, `openclip:<name>` or `mimkit:<checkpoint>` with its local weights, frozen."""
     source, sep, rest = name.partition(":")
     if not sep or source not in SOURCES or not rest:
-        raise ConfigError(f"teacher={name!r} is not valid; use timm:<model> (with teacher.weights), "
+        raise ConfigError(f"teacher.name={name!r} is not valid; use timm:<model> (with teacher.weights), "
                           f"openclip:<model> (with teacher.weights) or mimkit:<pretrain checkpoint>")
     if source == "mimkit":
         from mimkit import checkpoint
@@ -158,9 +158,14 @@ def load_teacher(name: str, weights: str = "", img_size: int = 0) -> Teacher:
         raise ConfigError(f"teacher {name} needs teacher.weights: a local weights file (nothing is downloaded)")
     if source == "openclip":
         teacher = Teacher({"source": "openclip", "name": rest})
-        import open_clip
-        full = open_clip.create_model(rest, pretrained=str(read_path(weights)))
-        teacher.model.load_state_dict(full.visual.state_dict())
+        state = read_state_dict(weights)  # ours, not open_clip's loader: weights_only, no download fallback
+        if any(k.startswith("visual.") for k in state):  # a whole CLIP (image and text towers): keep the image one
+            state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
+        try:
+            teacher.model.load_state_dict(state)
+        except RuntimeError as e:
+            raise CheckpointError(f"teacher weights {weights} do not fit openclip:{rest} "
+                                  f"({str(e).splitlines()[1].strip()[:200] if len(str(e).splitlines()) > 1 else e})") from None
         return teacher.eval()
     teacher = Teacher({"source": "timm", "name": rest, "kwargs": {"img_size": img_size} if img_size else {}})
     _load_timm_state(teacher.model, read_state_dict(weights), weights)
