@@ -7,8 +7,9 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
+import json
 
-from .common import write_result
+from .common import results_dir, write_result
 
 ENTRIES = ["step", "peer", "machine", "hog", "kmeans", "e2e"]
 
@@ -72,10 +73,17 @@ def main(argv: list[str] | None = None) -> None:
         print(f"== {name}")
         wanted = inspect.signature(module.run).parameters
         summary[name] = headlines(name, module.run(**{k: v for k, v in given.items() if k in wanted}))
+    # entries not run now keep their latest result, dated: the summary always covers every entry
+    for name in ENTRIES:
+        path = results_dir() / f"{name}.json"
+        if name not in summary and path.exists():
+            r = json.loads(path.read_text())
+            summary[name] = [(what, f"{measured} ({r.get('machine', {}).get('date', '?')})", goal)
+                             for what, measured, goal in headlines(name, r)]
     print("\n== summary")
     print(f"{'benchmark':<10} {'what':<38} {'measured':<28} goal")
-    for name, rows in summary.items():
-        for what, measured, goal in rows:
+    for name in (n for n in ENTRIES if n in summary):
+        for what, measured, goal in summary[name]:
             print(f"{name:<10} {what:<38} {measured:<28} {goal}")
     write_result("summary", {"args": vars(args), "rows": {n: [list(r) for r in rows] for n, rows in summary.items()}})
 

@@ -81,8 +81,13 @@ def matmul_fn(n: int = 2048, device: torch.device | str = "cpu") -> tuple[Callab
     return (lambda: a @ b), 2 * n ** 3
 
 
-def write_result(name: str, result: dict, results_dir: Path | None = None) -> Path:
-    out = Path(os.environ.get("MIMKIT_BENCH_RESULTS") or results_dir or RESULTS)
+def results_dir() -> Path:
+    """benchmarks/results, or $MIMKIT_BENCH_RESULTS (the smoke test writes elsewhere)."""
+    return Path(os.environ.get("MIMKIT_BENCH_RESULTS") or RESULTS)
+
+
+def write_result(name: str, result: dict) -> Path:
+    out = results_dir()
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     from mimkit.checkpoint import atomic_write_text

@@ -83,11 +83,3 @@ def run(repeats: int = 3, skip_job: bool = False) -> dict:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--skip-job", action="store_true", help="e2e: skip the default job's wall time")
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    add_args(p)
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
-    run(a.repeats, a.skip_job)

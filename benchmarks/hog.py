@@ -6,7 +6,6 @@ the normalized image; at 8-px cells (skimage's default size) and 2-px cells (mim
 patch 4, 2x2 cells). Sobel mode (MaskFeat's default) is timed too, with nothing to compare it with."""
 from __future__ import annotations
 
-import argparse
 import time
 
 import numpy as np
@@ -89,11 +88,3 @@ def run(n: int = 256, repeats: int = 9) -> dict:
     path = write_result("hog", result)
     print(f"written to {path}")
     return result
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--images", type=int, default=256)
-    p.add_argument("--repeats", type=int, default=9)
-    a = p.parse_args()
-    run(a.images, a.repeats)

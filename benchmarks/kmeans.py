@@ -14,7 +14,6 @@ of Lloyd's converged inertia; inertia is always measured on all points (outside 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import time
 
@@ -159,9 +158,3 @@ def run(n: int = N, seed: int = 0) -> dict:
           f"{result['faiss_speedup_vs_minibatch']:.1f}x MiniBatchKMeans")
     write_result("kmeans", result)
     return result
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--n", type=int, default=N)
-    run(p.parse_args().n)

@@ -3,10 +3,8 @@ torch.utils.flop_counter.FlopCounterMode) / step time, over the FLOP/s of a fp32
 same interleaved rounds (goal >= 0.57; lightly's MAE reached 0.38 here). Shares its measurement with `peer`."""
 from __future__ import annotations
 
-import argparse
-
 from .common import write_result
-from .peer import GOAL_MACHINE, PRESETS, add_args, measure, print_rows, summary
+from .peer import GOAL_MACHINE, PRESETS, measure, print_rows, summary
 
 
 def run(repeats: int = 3, compiled: bool = False, preset: str = "cpu") -> dict:
@@ -21,11 +19,3 @@ def run(repeats: int = 3, compiled: bool = False, preset: str = "cpu") -> dict:
               "flops_per_step": {n: r["flops_per_step"] for n, r in s["rows"].items()}}
     print(f"written to {write_result('machine', result)}")
     return result
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    add_args(p)
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
-    run(a.repeats, a.compile)

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimkit.dist import autocast
 from mimkit.engine import build_optimizer
 
 from .common import count_flops, matmul_fn, side_by_side, speedup, spread, write_result
@@ -66,7 +67,7 @@ def lightly_step(cfg, dev: torch.device):
     imgs = torch.randn(cfg.batch_size, 3, cfg.data.img_size, cfg.data.img_size, device=dev)
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with autocast(dev):
             loss = train_model(imgs)["loss"]
         loss.backward()
         opt.step()
@@ -154,11 +155,3 @@ def run(repeats: int = 3, compiled: bool = False, preset: str = "cpu") -> dict:
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd steps (slow to warm up)")
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    add_args(p)
-    p.add_argument("--repeats", type=int, default=3)
-    a = p.parse_args()
-    run(a.repeats, a.compile)

@@ -16,6 +16,7 @@ import torch
 
 from mimkit.cli import pretrain_config
 from mimkit.data import dataset_stats
+from mimkit.dist import autocast
 from mimkit.engine import build_optimizer
 from mimkit.masking import build_mask_generator
 from mimkit.methods import METHODS, build_method
@@ -98,7 +99,7 @@ def build_step(cfg, dev: torch.device | None = None):
     mask = torch.stack([gen(g) for _ in range(cfg.batch_size)]).to(dev)
 
     def step():
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=dev.type == "cuda"):
+        with autocast(dev):
             loss = train_model(imgs, mask)["loss"]
         loss.backward()
         opt.step()
@@ -157,12 +158,3 @@ def run(methods: tuple[str, ...] = (), repeats: int = 3, preset: str = "cpu", ex
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=[], help=f"default: all of {', '.join(METHODS)}")
-
-
-if __name__ == "__main__":
-    p = argparse.ArgumentParser(description=__doc__)
-    add_args(p)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--preset", choices=PRESETS, default="cpu")
-    a = p.parse_args()
-    run(tuple(a.methods), a.repeats, a.preset)

@@ -27,7 +27,7 @@ def choices(*values: str, default: str) -> Any:
 class DataConfig:
     name: str = choices("digits", "cifar10", "imagefolder", "synthetic", default="digits")
     root: str = ""  # folder with train/ and val/ or test/ (cifar10, imagefolder)
-    limit: int = 0  # use only the first N training images (0 = all)
+    limit: int = 0  # use only N training images, evenly spread over the split (0 = all)
     img_size: int = 224
     crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale for pretraining
     hflip: bool = True
@@ -111,7 +111,7 @@ class ProbeConfig:
     enabled: bool = True  # after pretraining: k-NN of the pretrained vs a random-init encoder
     knn_k: int = 20
     knn_t: float = 0.07
-    limit: int = 0  # use only the first N images of each split for the probe (0 = all)
+    limit: int = 0  # use only N images of each split for the probe, evenly spread (0 = all)
 
 
 @dataclass

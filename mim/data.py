@@ -145,10 +145,19 @@ def build_dataset(data_cfg, split: str, limit: int = 0) -> Dataset:
     else:
         raise ConfigError(f"data.name={name!r} is not valid; choose one of: digits, cifar10, imagefolder, synthetic")
     if limit and limit < len(ds):
+        # N images spread evenly over the split, not its first N: image folders are sorted by class, so the
+        # first 10,000 of CIFAR-10's train/ are airplanes and automobiles only
         classes = ds.classes
-        ds = torch.utils.data.Subset(ds, range(limit))
+        ds = torch.utils.data.Subset(ds, limited_indices(len(ds), limit))
         ds.classes = classes
     return ds
+
+
+def limited_indices(n: int, limit: int) -> list[int]:
+    """`limit` of n indices, evenly spaced and increasing (floor(i * n / limit)); all n when limit is 0 or >= n."""
+    if not limit or limit >= n:
+        return list(range(n))
+    return [i * n // limit for i in range(limit)]
 
 
 def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:

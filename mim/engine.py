@@ -41,6 +41,26 @@ def lr_at(epoch: float, cfg: Config, base_lr: float) -> float:
     return cfg.optim.min_lr + (base_lr - cfg.optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at lr, times its lr_scale (timm's layer-wise decay groups carry one)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def backward_step(loss: torch.Tensor, it: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                  accum_iter: int, clip_grad: float) -> bool:
+    """Backward of loss / accum_iter; every accum_iter-th iteration clip (clip_grad > 0) and step.
+    True when the optimizer stepped."""
+    (loss / accum_iter).backward()
+    if (it + 1) % accum_iter:
+        return False
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True
+
+
 def effective_lr(cfg: Config) -> float:
     return cfg.optim.blr * cfg.batch_size * cfg.accum_iter * dist.world_size() / cfg.optim.lr_batch_ref
 
@@ -168,14 +188,12 @@ def train(cfg: Config) -> dict:
         for it, (imgs, mask, _, rep) in enumerate(bar):
             if it % cfg.accum_iter == 0:
                 lr = lr_at(epoch + it / steps_per_epoch, cfg, base_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
+                set_lr(optimizer, lr)
             imgs = imgs.to(device, non_blocking=True)
             mask = mask.to(device, non_blocking=True)
             # gradient accumulation: all-reduce the gradients once per optimizer step, not per micro-batch
             sync = ddp is None or (it + 1) % cfg.accum_iter == 0
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), \
-                    torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), dist.autocast(device):
                 outputs = train_model(imgs, mask)
             loss = outputs["loss"]
             # the mean over ranks: logged, and a NaN on any rank stops or skips the step on every rank
@@ -190,12 +208,7 @@ def train(cfg: Config) -> dict:
                     f"({bad_steps}/{cfg.optim.skip_nonfinite} allowed by optim.skip_nonfinite)")
                 optimizer.zero_grad(set_to_none=True)
                 continue
-            (loss / cfg.accum_iter).backward()
-            if (it + 1) % cfg.accum_iter == 0:
-                if cfg.optim.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            if backward_step(loss, it, model, optimizer, cfg.accum_iter, cfg.optim.clip_grad):
                 step += 1
                 if writer is not None:
                     writer.add_scalar("train/loss", loss_value, step)

@@ -70,7 +70,7 @@ class ProbeRunConfig:
     epochs: int = 90
     batch_size: int = 256
     accum_iter: int = 1
-    test_limit: int = 0  # use only the first N test images (0 = all); data.limit limits the training images
+    test_limit: int = 0  # use only N test images, evenly spread (0 = all); data.limit limits the training images
     overwrite: bool = False  # replace the results of an earlier probe in output_dir
     data: DataConfig = field(default_factory=DataConfig)  # defaults: the checkpoint's data settings
     features: FeatureConfig = field(default_factory=FeatureConfig)

@@ -14,6 +14,7 @@ from mimkit import checkpoint
 from mimkit.checkpoint import CheckpointError
 from mimkit.config import Config, ConfigError, from_dict
 from mimkit.data import Transformed, build_dataset, eval_transform, make_loader
+from mimkit.dist import autocast
 from mimkit.vit import ViT, build_encoder, sincos_pos_embed
 
 
@@ -67,7 +68,7 @@ def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
 def encode(encoder: ViT, imgs: torch.Tensor, pool: str = "cls", layer: int | None = None) -> torch.Tensor:
     """Features [B, D] of a batch. `layer` (0-based block index) probes that block's raw output instead of the
     final normed tokens."""
-    with torch.autocast(imgs.device.type, dtype=torch.bfloat16, enabled=imgs.device.type == "cuda"):
+    with autocast(imgs.device):
         tokens = encoder(imgs) if layer is None else encoder(imgs, return_layers=(layer,))[1][0]
     return pool_tokens(tokens, pool).float()
 
@@ -98,7 +99,8 @@ def cache_key(ckpt_id: str, data_cfg, split: str, pool: str, layer: int, limit: 
     img_size) and the representation."""
     root = str(Path(data_cfg.root).resolve()) if data_cfg.root else ""
     return {"checkpoint": ckpt_id, "dataset": data_cfg.name, "root": root, "split": split, "limit": limit,
-            "img_size": data_cfg.img_size, "synthetic_size": data_cfg.synthetic_size, "pool": pool, "layer": layer}
+            "img_size": data_cfg.img_size, "synthetic_size": data_cfg.synthetic_size, "pool": pool, "layer": layer,
+            **({"subset": "spread"} if limit else {})}  # caches of the old first-N subsets are misses
 
 
 def cache_file(cache_dir: str | Path, key: dict) -> Path:

@@ -27,6 +27,7 @@ from tqdm import tqdm
 
 from mimkit import checkpoint
 from mimkit.checkpoint import CheckpointError
+from mimkit.dist import autocast
 from mimkit.config import (Config, ConfigError, DataConfig, build_config, check_range, choices, from_dict,
                            set_key)
 from mimkit.data import (DATA_PRESETS, EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats,
@@ -53,7 +54,7 @@ class AnalyzeConfig:
     checkpoint: str = ""  # predictions: a beit, beitv2 or clustermim pretraining checkpoint (set by --checkpoint)
     output_dir: str = ""  # set by --out; default runs/analyze_tokens_<data.name> or next to the checkpoint
     split: str = choices("train", "test", default="test")  # test: val/ or test/ for image folders
-    limit: int = 0  # use only the first N images of the split (0 = all)
+    limit: int = 0  # use only N images of the split, evenly spread (0 = all)
     batch_size: int = 256
     device: str = choices("auto", "cpu", "cuda", default="auto")
     seed: int = 0  # the patch subsample, the gallery patches and the prediction masks
@@ -264,7 +265,7 @@ def stream_tokens(tokenizers: dict[str, Tokenizer], dataset, data_name: str, num
         labels = torch.as_tensor(labels)
         rows = (shown[(shown >= seen) & (shown < seen + len(imgs))] - seen).to(device)
         map_imgs.append(denormalize(imgs[rows].float(), data_name).cpu())
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             for name, tok in frozen.items():
                 ids = tok(imgs)
                 stats[name].update(ids, labels, seen)
@@ -482,7 +483,7 @@ def analyze_predictions(cfg: AnalyzeConfig, ckpt: dict | None = None) -> dict:
     with torch.no_grad():
         for imgs, mask, labels, _ in tqdm(loader, desc="predictions", file=sys.stderr, dynamic_ncols=True, leave=False):
             imgs, mask = imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 target = model.tokenizer(imgs)[mask]
                 logits = masked_token_logits(model, imgs, mask).float()
             hit = (logits.argmax(-1) == target).cpu().numpy()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mimkit.checkpoint import atomic_write
@@ -40,7 +41,7 @@ def token_colors(vocab_size: int) -> np.ndarray:
     return hsv_to_rgb(np.stack([hue, sat, val], 1))
 
 
-def _show(fig: Figure, grid: torch.Tensor, height: float) -> "Axes":  # noqa: F821
+def _show(fig: Figure, grid: torch.Tensor, height: float) -> Axes:
     """One axes showing a [3, H, W] image grid at its aspect ratio, `height` inches tall."""
     h, w = grid.shape[-2:]
     fig.set_size_inches(max(3.0, height * w / h), height)

@@ -9,7 +9,8 @@ import torch
 from timm.utils import accuracy
 from torch import nn
 
-from mimkit.engine import effective_lr, lr_at
+from mimkit.dist import autocast
+from mimkit.engine import backward_step, effective_lr, lr_at, set_lr
 
 if TYPE_CHECKING:
     from .run import ProbeRun
@@ -22,7 +23,7 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> dict[
     model.eval()
     logits, labels = [], []
     for x, y in batches:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             logits.append(model(x.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(y).cpu())
     model.train(was_training)
@@ -45,16 +46,10 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
         for it, (x, y) in enumerate(batches(epoch)):
             if it % cfg.accum_iter == 0:
                 lr = lr_at(epoch + it / steps_per_epoch, cfg, base_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr * g.get("lr_scale", 1.0)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                set_lr(optimizer, lr)
+            with autocast(device):
                 loss = loss_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            (loss / cfg.accum_iter).backward()
-            if (it + 1) % cfg.accum_iter == 0:
-                if cfg.optim.clip_grad > 0:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            if backward_step(loss, it, model, optimizer, cfg.accum_iter, cfg.optim.clip_grad):
                 step += 1
                 run.writer.add_scalar("train/lr", lr, step)
             loss_sum, n = loss_sum + loss.item(), n + 1

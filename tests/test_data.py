@@ -4,7 +4,8 @@ import torch
 from PIL import Image
 
 from mimkit.config import DataConfig
-from mimkit.data import (DataError, EpochSampler, MaskedImages, build_dataset, eval_transform, pretrain_transform)
+from mimkit.data import (DataError, EpochSampler, MaskedImages, build_dataset, eval_transform, limited_indices,
+                         pretrain_transform)
 from mimkit.masking import RandomMask
 
 from conftest import CIFAR10, needs_cifar10
@@ -45,6 +46,20 @@ def test_imagefolder_tree(tmp_path):
     x = pretrain_transform(cfg)(tr[0][0])
     assert x.shape == (3, 16, 16) and x.dtype == torch.float32
     assert eval_transform(cfg)(va[0][0]).shape == (3, 16, 16)
+
+
+def test_limit_spreads_over_a_class_sorted_folder(tmp_path):
+    """data.limit takes images evenly spread over the split: an image folder is sorted by class, and its first
+    N images would be one class (CIFAR-10: data.limit=5000 was airplanes only)."""
+    root = make_tree(tmp_path / "data", n=4, classes=("a", "b", "c"))
+    cfg = DataConfig(name="imagefolder", root=str(root), img_size=16)
+    ds = build_dataset(cfg, "train", limit=3)
+    assert len(ds) == 3 and ds.classes == ["a", "b", "c"]
+    assert sorted(label for _, label in ds) == [0, 1, 2]
+    assert list(ds.indices) == [0, 4, 8]
+    assert limited_indices(10, 0) == limited_indices(10, 10) == list(range(10))
+    idx = limited_indices(50000, 10000)
+    assert len(set(idx)) == 10000 and idx == sorted(idx) and idx[-1] < 50000
 
 
 def test_imagefolder_errors_name_the_path(tmp_path):

@@ -19,15 +19,12 @@ from torch import nn
 from mimkit import checkpoint
 from mimkit.config import ConfigError
 
-TOKENIZERS: dict[str, type["Tokenizer"]] = {}
-
-
-def register_tokenizer(kind: str):
-    def deco(cls):
-        cls.kind = kind
-        TOKENIZERS[kind] = cls
-        return cls
-    return deco
+def tokenizer_classes() -> dict[str, type["Tokenizer"]]:
+    """kind -> class of every tokenizer a file can hold (imported here: the kinds import this module)."""
+    from .dvae import DVAE
+    from .kmeans import KMeansTokenizer
+    from .vqkd import VQKD
+    return {cls.kind: cls for cls in (KMeansTokenizer, DVAE, VQKD)}
 
 
 class Tokenizer(nn.Module):
@@ -71,11 +68,11 @@ class Tokenizer(nn.Module):
     def load(path: str | Path) -> "Tokenizer":
         """Rebuild a tokenizer from its file (weights_only=True: no pickled code runs)."""
         ckpt = checkpoint.load(path, kind="tokenizer")
-        kind = ckpt.get("kind")
-        if kind not in TOKENIZERS:
+        kind, classes = ckpt.get("kind"), tokenizer_classes()
+        if kind not in classes:
             raise checkpoint.CheckpointError(f"{path}: unknown tokenizer kind {kind!r} "
-                                             f"(known: {', '.join(TOKENIZERS)})")
-        tok = TOKENIZERS[kind](**ckpt["config"])
+                                             f"(known: {', '.join(classes)})")
+        tok = classes[kind](**ckpt["config"])
         try:
             tok.load_state_dict(ckpt["state"])
         except RuntimeError as e:

@@ -25,7 +25,7 @@ from torch import nn
 
 from mimkit.checkpoint import CheckpointError
 
-from .base import Tokenizer, register_tokenizer, resize
+from .base import Tokenizer, resize
 
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels
 
@@ -101,8 +101,8 @@ class Decoder(nn.Module):
         return self.blocks(z)
 
 
-@register_tokenizer("dvae")
 class DVAE(Tokenizer):
+    kind = "dvae"
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  input_size: int, groups: int = 4, hidden: int = 256, blocks_per_group: int = 2,
                  pixel_map: str = "normalized", decoder: bool = True):

@@ -14,14 +14,15 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mimkit.dist import autocast
 from mimkit.targets import pixel_target
 
-from .base import Tokenizer, register_tokenizer, resize
+from .base import Tokenizer, resize
 from .teachers import Teacher
 
 
-@register_tokenizer("kmeans")
 class KMeansTokenizer(Tokenizer):
+    kind = "kmeans"
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float], dim: int,
                  norm_pix: bool = False, teacher: dict | None = None):
         super().__init__(img_size, grid, vocab_size, mean, std)
@@ -120,7 +121,7 @@ def sample_features(tok: KMeansTokenizer, loader, max_samples: int, num_images: 
     bar = tqdm(loader, desc=f"sampling patch features ({per_image}/image)", leave=False, dynamic_ncols=True)
     for batch in bar:
         imgs = batch[0].to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             feats = tok.features(resize(imgs, tok.img_size)).float().cpu()
         idx = torch.rand(len(feats), tok.num_tokens, generator=g).argsort(1)[:, :per_image]
         picked = torch.gather(feats, 1, idx.unsqueeze(-1).expand(-1, -1, feats.shape[-1])).flatten(0, 1)

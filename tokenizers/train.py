@@ -17,9 +17,10 @@ from tqdm import tqdm
 
 from mimkit import checkpoint, dist, rundir
 from mimkit.config import ConfigError, to_dict
+from mimkit.dist import autocast
 from mimkit.data import (EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats, eval_transform,
                          make_loader, pretrain_transform)
-from mimkit.engine import RunLog, build_optimizer, effective_lr, lr_at
+from mimkit.engine import RunLog, backward_step, build_optimizer, effective_lr, lr_at, set_lr
 
 from .base import Tokenizer, codebook_stats
 from .config import TokenizerConfig, dvae_input_size, validate
@@ -98,7 +99,7 @@ def evaluate(tok: Tokenizer, training, loader, device: torch.device) -> dict:
     ids, sums, n = [], defaultdict(float), 0
     for imgs, _ in loader:
         imgs = imgs.to(device, non_blocking=True)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device):
             batch_ids, m = training.evaluate(imgs) if training is not None else (tok.encode(imgs), {})
         ids.append(batch_ids.cpu())
         for key, v in m.items():
@@ -143,20 +144,14 @@ def fit_trainable(cfg: TokenizerConfig, tok: Tokenizer, training, train_set, tes
         for it, (imgs, *_rest) in enumerate(bar):
             if it % cfg.accum_iter == 0:
                 lr = lr_at(epoch + it / steps, cfg, base_lr)
-                for g in optimizer.param_groups:
-                    g["lr"] = lr
+                set_lr(optimizer, lr)
             imgs = imgs.to(device, non_blocking=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            with autocast(device):
                 outputs = training.loss(imgs, (epoch * steps + it) / (cfg.epochs * steps))
             loss = outputs["loss"]
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"non-finite tokenizer loss at step {step} (epoch {epoch + 1})")
-            (loss / cfg.accum_iter).backward()
-            if (it + 1) % cfg.accum_iter == 0:
-                if cfg.optim.clip_grad > 0:
-                    torch.nn.utils.clip_grad_norm_(tok.parameters(), cfg.optim.clip_grad)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            if backward_step(loss, it, tok, optimizer, cfg.accum_iter, cfg.optim.clip_grad):
                 step += 1
             scalars = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in outputs.items()}
             for k, v in scalars.items():

@@ -17,7 +17,7 @@ from torch import nn
 
 from mimkit.vit import ViT
 
-from .base import Tokenizer, register_tokenizer, resize
+from .base import Tokenizer, resize
 from .kmeans import assign, fit_kmeans
 
 
@@ -91,8 +91,8 @@ def task_mlp(dim: int, out: int) -> nn.Sequential:
     return mlp
 
 
-@register_tokenizer("vqkd")
 class VQKD(Tokenizer):
+    kind = "vqkd"
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  teacher_dim: int, embed_dim: int = 768, depth: int = 12, num_heads: int = 12, code_dim: int = 32,
                  decoder_depth: int = 1, decoder_embed_dim: int = 768, decoder_num_heads: int = 12,
