@@ -207,7 +207,11 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
             vis_imgs = torch.stack([test_set[i][0] for i in range(min(8, len(test_set)))]).to(device)
             history = fit_trainable(cfg, tok, training, train_set, test_loader, vis_imgs, device, log, writer,
                                     resume_from, out)
-    held = evaluate(tok, training, test_loader, device)
+    last = history[-1] if history else {}
+    if last.get("epoch") == cfg.epochs and "val_usage" in last:  # the last epoch was just evaluated: reuse it
+        held = {k[len("val_"):]: v for k, v in last.items() if k.startswith("val_")}
+    else:
+        held = evaluate(tok, training, test_loader, device)
     tok.save(out / "tokenizer.pt")
     metrics = {"kind": cfg.kind, "dataset": cfg.data.name, "vocab_size": tok.vocab_size, "grid": tok.grid,
                "heldout_images": len(test_set), **{f"heldout_{k}": v for k, v in held.items()}, **fit,
