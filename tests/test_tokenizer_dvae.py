@@ -111,3 +111,24 @@ def test_resume_continues_and_changed_config_is_refused(tmp_path):
     assert len(more["loss_history"]) == 2 and more["loss_history"][0] == first["loss_history"][0]
     with pytest.raises(ConfigError, match="different config.*vocab_size"):
         train_tokenizer(tokenizer_config(["configs/tokenizer/dvae_digits.yaml"], [*args, "vocab_size=128"]))
+
+
+def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, monkeypatch):
+    from mimkit.engine import NonFiniteLossError
+    real, calls = DVAETraining.loss, {"n": 0}
+
+    def poisoned(self, imgs, progress):
+        out = real(self, imgs, progress)
+        calls["n"] += 1
+        if calls["n"] == 3:  # 64 images / batch 32: 2 steps per epoch, so this is epoch 2
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(DVAETraining, "loss", poisoned)
+    cfg = tokenizer_config(["configs/tokenizer/dvae_digits.yaml"],
+                           [f"output_dir={tmp_path / 'nan'}", "epochs=3", "batch_size=32", "data.limit=64",
+                            "eval_limit=32", "dvae.hidden=16", "ckpt_every=1", "vis_every=10"])
+    with pytest.raises(NonFiniteLossError, match=r"step 2 .*last good checkpoint: .*last.pt \(epoch 1\)"):
+        train_tokenizer(cfg)
+    ckpt = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
