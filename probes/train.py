@@ -10,7 +10,7 @@ from timm.utils import accuracy
 from torch import nn
 
 from mimkit.dist import autocast
-from mimkit.engine import backward_step, effective_lr, lr_at, set_lr
+from mimkit.engine import NonFiniteLossError, backward_step, effective_lr, lr_at, set_lr
 
 if TYPE_CHECKING:
     from .run import ProbeRun
@@ -49,6 +49,9 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
                 set_lr(optimizer, lr)
             with autocast(device):
                 loss = loss_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
+            if not torch.isfinite(loss):  # before the step: the weights (and any best.pt) stay finite
+                raise NonFiniteLossError(f"non-finite probe loss ({loss.item()}) at step {step} (epoch {epoch + 1}); "
+                                         f"lower optim.blr or set optim.clip_grad")
             if backward_step(loss, it, model, optimizer, cfg.accum_iter, cfg.optim.clip_grad):
                 step += 1
                 run.writer.add_scalar("train/lr", lr, step)

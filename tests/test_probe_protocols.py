@@ -139,6 +139,17 @@ def test_linear_probe_on_separable_features_reaches_100(tmp_path):
     assert saved["last.pt"]["mimkit"] == "linear_probe" and "fc.weight" in saved["last.pt"]["head"]
 
 
+def test_linear_probe_stops_on_a_nonfinite_loss():
+    from mimkit.engine import NonFiniteLossError
+    x, y = torch.randn(64, 8), torch.arange(64) % 4
+    x[5, 0] = float("nan")  # one poisoned feature vector
+    cfg = probe_config("linear", overrides=["data.name=synthetic", "checkpoint=x.pt", "epochs=2", "batch_size=16"])
+    run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), writer=NullWriter(), log=lambda m: None,
+                          num_classes=4, features=lambda split: (x, y), save=lambda *a: None)
+    with pytest.raises(NonFiniteLossError, match=r"step \d+ \(epoch 1\)"):
+        run_linear(run)
+
+
 @pytest.fixture
 def ckpt(cfg_factory, tmp_path):
     """A pretraining checkpoint as the engine writes it (untrained: only the format matters here)."""
