@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from abc import ABC, abstractmethod
 from pathlib import Path
 
 import torch
@@ -27,7 +28,7 @@ def tokenizer_classes() -> dict[str, type["Tokenizer"]]:
     return {cls.kind: cls for cls in (KMeansTokenizer, DVAE, VQKD)}
 
 
-class Tokenizer(nn.Module):
+class Tokenizer(nn.Module, ABC):
     """Base class. Subclasses implement `_encode(images at img_size) -> ids [B, N]` and list their extra
     constructor arguments in `hparams()` (plain values) so that `save`/`load` can rebuild them."""
 
@@ -51,8 +52,9 @@ class Tokenizer(nn.Module):
         return {"img_size": self.img_size, "grid": self.grid, "vocab_size": self.vocab_size, "mean": self.mean,
                 "std": self.std, **self.hparams()}
 
+    @abstractmethod
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """ids [B, grid * grid] of images already at img_size (each kind's own assignment rule)."""
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
