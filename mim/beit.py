@@ -58,12 +58,17 @@ class BEiT(Method):
         nn.init.zeros_(self.head.bias)
 
     def ce(self, tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """CE and accuracy of the head on the masked patch tokens (tokens [B, 1 + N, D], CLS first)."""
+        """CE and accuracy of the head on the masked patch tokens (tokens [B, 1 + N, D], CLS first) against
+        the masked positions' ids (`target`, [M] in the order of mask.nonzero())."""
         logits = self.head(tokens[:, 1:][mask]).float()
-        return F.cross_entropy(logits, target[mask]), token_accuracy(logits, target[mask])
+        return F.cross_entropy(logits, target), token_accuracy(logits, target)
+
+    def masked_token_logits(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits over the vocabulary at the masked positions [M, V] (as in the loss)."""
+        return self.head(self.encoder(imgs, mask, mode="token")[:, 1:][mask])
 
     def forward(self, imgs, mask):
-        target = self.tokenizer(imgs)  # [B, N] ids, frozen and without gradients
+        target = self.tokenizer(imgs)[mask]  # ids of the masked patches, frozen and without gradients
         loss, acc = self.ce(self.encoder(imgs, mask, mode="token"), target, mask)
         return {"loss": loss, "acc": acc}
 
@@ -91,7 +96,7 @@ class BEiTv2(BEiT):
                                       m.layer_scale)
 
     def forward(self, imgs, mask):
-        target = self.tokenizer(imgs)
+        target = self.tokenizer(imgs)[mask]
         tokens, layers = self.encoder(imgs, mask, mode="token", return_layers=(self.aux_layer - 1, -1))
         middle, last = layers[0], layers[-1]  # one tensor when aux_layer is the last block
         loss, acc = self.ce(tokens, target, mask)

@@ -30,6 +30,10 @@ class ClusterMIM(MAE):
         loss = masked_mean(F.cross_entropy(logits.transpose(1, 2), target, reduction="none"), mask)
         return {"loss": loss, "acc": token_accuracy(logits[mask], target[mask]), "pred": logits}
 
+    def masked_token_logits(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Logits over the K centers at the masked positions [M, K]."""
+        return self.predict(imgs, mask)[mask]
+
     panel_name = "original_masked_hits"
 
     @torch.no_grad()

@@ -213,10 +213,11 @@ def train(cfg: Config) -> dict:
                 if writer is not None:
                     writer.add_scalar("train/loss", loss_value, step)
                     writer.add_scalar("train/lr", lr, step)
-            # Other scalars a method reports (e.g. token accuracy on masked patches) are averaged per epoch.
+            # Other scalars a method reports (e.g. token accuracy on masked patches) are averaged per epoch,
+            # summed on the device: an .item() here would wait for the backward and optimizer step every step.
             for k, v in outputs.items():
                 if k != "loss" and torch.is_tensor(v) and v.dim() == 0:
-                    extra_sums[k] = extra_sums.get(k, 0.0) + v.item()
+                    extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().double()
             n_images += len(imgs)
             loss_sum += loss_value
             replaced += int(rep.sum())
@@ -225,7 +226,7 @@ def train(cfg: Config) -> dict:
         epoch_loss = loss_sum / max(steps_per_epoch, 1)  # of losses already averaged over ranks
         ips = dist.all_reduce_sum(n_images, device) / seconds
         replaced = int(dist.all_reduce_sum(replaced, device))
-        extras = {k: dist.all_reduce_mean(v / steps_per_epoch, device) for k, v in extra_sums.items()}
+        extras = {k: dist.all_reduce_mean(v.item() / steps_per_epoch, device) for k, v in extra_sums.items()}
         history.append({"epoch": epoch + 1, "loss": epoch_loss, "images_per_s": ips, "seconds": seconds,
                         "replaced_images": replaced, **extras})
         log(f"epoch {epoch + 1}/{cfg.epochs} loss {epoch_loss:.4f} lr {lr:.3g} {ips:.0f} img/s"

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 from .config import ConfigError
 from .data import denormalize
 from .hog import HOG, cells_to_patches, hog_glyphs, patches_to_cells
-from .methods import Method, image_grid, masked_mean, register
-from .vit import init_weights
+from .methods import TokenHeadMethod, image_grid, masked_mean, register
 
 
 def hog_for(cfg) -> HOG:
@@ -25,8 +23,7 @@ def hog_for(cfg) -> HOG:
 
 
 @register("maskfeat")
-class MaskFeat(Method):
-    encoder_mode = "token"
+class MaskFeat(TokenHeadMethod):
     recipe = {
         "mask.kind": "block", "mask.ratio": 0.4, "target.norm_pix": False,
         "optim.blr": 2e-4, "optim.lr_batch_ref": 256, "optim.betas": [0.9, 0.999], "optim.weight_decay": 0.05,
@@ -34,15 +31,10 @@ class MaskFeat(Method):
     }
     panel_name = "original_masked_hog_target_prediction"
 
-    def __init__(self, cfg):
-        super().__init__(cfg)
+    def out_dim(self, cfg) -> int:
+        # TokenHeadMethod.__init__ sizes the head from here: HOG [3 * bins * cells^2] per patch
         self.hog, self.cells = hog_for(cfg), cfg.target.hog_cells_per_patch
-        self.head = nn.Linear(self.encoder.embed_dim, 3 * self.hog.nbins * self.cells ** 2)
-        self.head.apply(init_weights)
-
-    def predict(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """HOG [B, N, 3 * bins * cells^2] of every patch from its token (the CLS token is dropped)."""
-        return self.head(self.encoder(imgs, mask, mode="token")[:, 1:])
+        return 3 * self.hog.nbins * self.cells ** 2
 
     def target(self, imgs: torch.Tensor) -> torch.Tensor:
         """Per-patch HOG [B, N, 3 * bins * cells^2]."""

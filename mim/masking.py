@@ -138,11 +138,12 @@ def build_mask_generator(mask_cfg, grid: int, patch_size: int):
                               f"which mask.ratio={ratio} masks {gen.num_mask_units}; use a smaller mask.patch_px")
         return gen
     if kind == "block":
-        if not 0 < round(ratio * n) < n:
-            raise ConfigError(f"mask.ratio={ratio} masks {round(ratio * n)} of {n} patches; need at least 1 and "
+        num_mask = round(ratio * n)  # as BlockMask counts it
+        if not 0 < num_mask < n:
+            raise ConfigError(f"mask.ratio={ratio} masks {num_mask} of {n} patches; need at least 1 and "
                               f"fewer than {n}")
-        if not 1 <= mask_cfg.min_block <= round(ratio * n):
-            raise ConfigError(f"mask.min_block={mask_cfg.min_block} must be between 1 and the {round(ratio * n)} "
+        if not 1 <= mask_cfg.min_block <= num_mask:
+            raise ConfigError(f"mask.min_block={mask_cfg.min_block} must be between 1 and the {num_mask} "
                               f"patches to mask on the {grid}x{grid} grid (BEiT: 16 at 14x14; scale it with the grid)")
         if not 0 < mask_cfg.min_aspect <= 1:
             raise ConfigError(f"mask.min_aspect={mask_cfg.min_aspect} is out of range; need 0 < min_aspect <= 1")

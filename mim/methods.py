@@ -11,7 +11,7 @@ from torch import nn
 from .heads import MAEDecoder
 from .data import denormalize
 from .targets import patchify, pixel_target, unpatchify
-from .vit import build_encoder
+from .vit import build_encoder, init_weights
 
 METHODS: dict[str, type["Method"]] = {}
 
@@ -71,6 +71,20 @@ class Method(nn.Module):
         patches = patchify(imgs, p)
         masked = unpatchify(torch.where(mask.unsqueeze(-1), torch.zeros_like(patches), patches), p, imgs.shape[1])
         return image_grid([denormalize(x.float(), data_name) for x in (imgs, masked, rec)])
+
+
+class TokenHeadMethod(Method):
+    """Mask-token encoder and one linear head per patch token (SimMIM, MaskFeat); `out_dim(cfg)` sizes the head."""
+    encoder_mode = "token"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.head = nn.Linear(self.encoder.embed_dim, self.out_dim(cfg))
+        self.head.apply(init_weights)
+
+    def predict(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The head's prediction [B, N, out_dim] for every patch from its token (the CLS token is dropped)."""
+        return self.head(self.encoder(imgs, mask, mode="token")[:, 1:])
 
 
 @register("mae")

@@ -67,9 +67,7 @@ def run_linear(run: "ProbeRun") -> dict:
         dataset = Transformed(build_dataset(cfg.data, "train", cfg.data.limit), pretrain_transform(cfg.data))
         loader = make_loader(dataset, cfg.batch_size, cfg.data, shuffle=True, drop_last=True,
                              pin_memory=device.type == "cuda")
-        encoder = run.encoder.to(device).eval()
-        for p in encoder.parameters():
-            p.requires_grad_(False)
+        encoder = run.encoder.to(device).eval().requires_grad_(False)
         layer = cfg.features.layer - 1 if cfg.features.layer else None
 
         def batches(epoch):

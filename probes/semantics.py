@@ -25,13 +25,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from mimkit import checkpoint
+from mimkit import checkpoint, dist
 from mimkit.checkpoint import CheckpointError
-from mimkit.dist import autocast
 from mimkit.config import (Config, ConfigError, DataConfig, build_config, check_range, choices, from_dict,
                            set_key)
 from mimkit.data import (DATA_PRESETS, EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats,
                          denormalize, eval_transform, make_loader)
+from mimkit.dist import autocast
 from mimkit.engine import RunLog
 from mimkit.tokenizers.base import FrozenTokenizer, Tokenizer, resize
 
@@ -112,9 +112,13 @@ def parse_tokenizers(spec: str) -> dict[str, str]:
     return out
 
 
-def load_tokenizer(path: str) -> Tokenizer:
+def require_tokenizer_file(path: str) -> None:
     if not Path(path).is_file():
         raise ConfigError(f"--tokenizer {path}: no such file")
+
+
+def load_tokenizer(path: str) -> Tokenizer:
+    require_tokenizer_file(path)
     return Tokenizer.load(path)
 
 
@@ -239,12 +243,6 @@ class TokenStats:
         return {**out, **cluster_scores(labels, ids), "metric_samples": int(len(ids))}
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device=cuda but no CUDA device is available; use device=auto or device=cpu")
-    return torch.device("cuda" if name != "cpu" and torch.cuda.is_available() else "cpu")
-
-
 def stream_tokens(tokenizers: dict[str, Tokenizer], dataset, data_name: str, num_classes: int, cfg: AnalyzeConfig,
                   device: torch.device) -> tuple[dict[str, TokenStats], torch.Tensor, dict[str, torch.Tensor]]:
     """One pass over `dataset` (normalized images with `data_name`'s statistics, labels) encoding every batch
@@ -345,7 +343,7 @@ def analyze_tokens(cfg: AnalyzeConfig) -> dict:
     validate(cfg)
     files = parse_tokenizers(cfg.tokenizers)
     tokenizers = {name: load_tokenizer(path) for name, path in files.items()}
-    device = pick_device(cfg.device)
+    device = dist.init(cfg.device)
     base = build_dataset(cfg.data, cfg.split, cfg.limit)
     classes = list(base.classes)
     dataset = Transformed(base, eval_transform(cfg.data))
@@ -393,18 +391,9 @@ def masked_token_logits(model: torch.nn.Module, imgs: torch.Tensor, mask: torch.
     """A pretrained method's logits over its tokenizer's vocabulary at the masked positions: [M, V], rows in the
     order of `mask.nonzero()` (as `target[mask]`).
 
-    The hook is a method's own `masked_token_logits(imgs, mask)` when it has one; beit / beitv2 (the linear
-    head over the encoder's tokens, masked patches replaced by the mask token, as in their loss) and clustermim
-    (the MAE decoder's K logits per patch) are handled here until they define it. Masked rows only: [B, N, 8192]
-    logits of a whole batch would take gigabytes."""
-    from mimkit.beit import BEiT
-    from mimkit.clustermim import ClusterMIM
+    Masked rows only: [B, N, 8192] logits of a whole batch would take gigabytes."""
     if hasattr(model, "masked_token_logits"):
         return model.masked_token_logits(imgs, mask)
-    if isinstance(model, BEiT):
-        return model.head(model.encoder(imgs, mask, mode="token")[:, 1:][mask])
-    if isinstance(model, ClusterMIM):
-        return model.predict(imgs, mask)[mask]
     raise ConfigError(f"method {model.name!r} does not predict tokens; `analyze predictions` needs a beit, beitv2 "
                       f"or clustermim checkpoint")
 
@@ -428,7 +417,7 @@ def load_method(ckpt: dict, path: str, cfg: AnalyzeConfig, tokenizer: str) -> tu
     mcfg.data = cfg.data
     mcfg.target.tokenizer = tokenizer or mcfg.target.tokenizer
     if mcfg.target.tokenizer:
-        load_tokenizer(mcfg.target.tokenizer)  # a missing or unreadable file is named as --tokenizer
+        require_tokenizer_file(mcfg.target.tokenizer)  # named as --tokenizer; build_method then loads it once
     model = build_method(mcfg)
     if not isinstance(getattr(model, "tokenizer", None), FrozenTokenizer):
         raise ConfigError(f"{path} is a {mcfg.method} checkpoint, whose targets are not tokens; `analyze predictions` "
@@ -461,7 +450,7 @@ def analyze_predictions(cfg: AnalyzeConfig, ckpt: dict | None = None) -> dict:
         raise ConfigError(f"analyze predictions takes one tokenizer (the model's target), got {len(tokenizers)}")
     tokenizer = tokenizers[0]
     model, mcfg = load_method(ckpt, cfg.checkpoint, cfg, tokenizer)
-    device = pick_device(cfg.device)
+    device = dist.init(cfg.device)
     model.to(device)
     base = build_dataset(cfg.data, cfg.split, cfg.limit)
     classes = list(base.classes)

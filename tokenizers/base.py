@@ -139,7 +139,6 @@ class FrozenTokenizer:
         first = next(itertools.chain(tok.parameters(), tok.buffers()), None)
         if first is not None and first.device != images.device:
             tok.to(images.device)
-        tok.eval()
         return tok.encode(renormalize(images, self.data_stats, self.own_stats))
 
 
