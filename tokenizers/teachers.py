@@ -143,16 +143,14 @@ def load_teacher(name: str, weights: str = "", img_size: int = 0) -> Teacher:
         raise ConfigError(f"teacher.name={name!r} is not valid; use timm:<model> (with teacher.weights), "
                           f"openclip:<model> (with teacher.weights) or mimkit:<pretrain checkpoint>")
     if source == "mimkit":
-        from mimkit import checkpoint
-        from mimkit.config import Config, from_dict, to_dict
+        from mimkit.config import to_dict
         from mimkit.data import dataset_stats
-        ckpt = checkpoint.load(rest)
-        cfg = from_dict(Config, ckpt["config"])
+        from mimkit.probes.features import load_encoder  # the probes' checks: a clear error for a foreign file
+        encoder, cfg, _ = load_encoder(rest)
         mean, std = dataset_stats(cfg.data.name)
         teacher = Teacher({"source": "mimkit", "model": to_dict(cfg.model), "img_size": cfg.data.img_size,
                            "mean": list(mean), "std": list(std)})
-        state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-        teacher.model.load_state_dict(state)
+        teacher.model.load_state_dict(encoder.state_dict())
         return teacher.eval()
     if not weights:
         raise ConfigError(f"teacher {name} needs teacher.weights: a local weights file (nothing is downloaded)")
