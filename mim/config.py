@@ -335,6 +335,17 @@ def check_range(key: str, value: float, lo: float | None = None, hi: float | Non
         raise ConfigError(f"{key}={value} is out of range; need {lo_s}{key.split('.')[-1]}{hi_s}")
 
 
+def validate_data(data: DataConfig) -> None:
+    """The checks of the `data` section every command shares (pretrain, tokenizer, probe, analyze)."""
+    check_range("data.limit", data.limit, 0)
+    check_range("data.img_size", data.img_size, 1)
+    lo, hi = data.crop_scale
+    if not 0 < lo <= hi <= 1:
+        raise ConfigError(f"data.crop_scale={list(data.crop_scale)} must satisfy 0 < min <= max <= 1")
+    if data.name in ("cifar10", "imagefolder") and not data.root:
+        raise ConfigError(f"data.root is required for data.name={data.name}, e.g. data.root=../shared/data/cifar10")
+
+
 def validate(cfg: Config) -> None:
     """Cross-field and range checks for a pretraining config."""
     check_range("epochs", cfg.epochs, 1)
@@ -348,14 +359,10 @@ def validate(cfg: Config) -> None:
     check_range("optim.clip_grad", cfg.optim.clip_grad, 0)
     for i, b in enumerate(cfg.optim.betas):
         check_range(f"optim.betas[{i}]", b, 0, 1, hi_open=True)
-    check_range("data.limit", cfg.data.limit, 0)
-    check_range("data.img_size", cfg.data.img_size, 1)
+    validate_data(cfg.data)
     check_range("model.patch_size", cfg.model.patch_size, 1)
     check_range("model.drop_path", cfg.model.drop_path, 0, 1, hi_open=True)
     check_range("ckpt.every", cfg.ckpt.every, 1)
-    lo, hi = cfg.data.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"data.crop_scale={list(cfg.data.crop_scale)} must satisfy 0 < min <= max <= 1")
     if cfg.data.img_size % cfg.model.patch_size:
         raise ConfigError(f"data.img_size={cfg.data.img_size} is not divisible by model.patch_size="
                           f"{cfg.model.patch_size}; pick sizes with img_size % patch_size == 0")
@@ -365,7 +372,5 @@ def validate(cfg: Config) -> None:
     if cfg.model.decoder_embed_dim % cfg.model.decoder_num_heads:
         raise ConfigError(f"model.decoder_embed_dim={cfg.model.decoder_embed_dim} is not divisible by "
                           f"model.decoder_num_heads={cfg.model.decoder_num_heads}")
-    if cfg.data.name in ("cifar10", "imagefolder") and not cfg.data.root:
-        raise ConfigError(f"data.root is required for data.name={cfg.data.name}, e.g. data.root=../shared/data/cifar10")
     if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_file():
         raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file (use auto, none or a path to a .pt file)")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config import (ConfigError, DataConfig, build_config, check_range, choices)
+from mimkit.config import DataConfig, build_config, check_range, choices, validate_data
 
 KNN_KS = (10, 20, 100, 200)  # always reported (DINO)
 
@@ -132,8 +132,6 @@ def validate(cfg: ProbeRunConfig, depth: int) -> None:
     check_range("batch_size", cfg.batch_size, 1)
     check_range("accum_iter", cfg.accum_iter, 1)
     check_range("test_limit", cfg.test_limit, 0)
-    check_range("data.limit", cfg.data.limit, 0)
-    check_range("data.img_size", cfg.data.img_size, 1)
     check_range("features.layer", cfg.features.layer, 0, depth)
     if cfg.protocol != "knn":
         check_range("epochs", cfg.epochs, 1)
@@ -150,11 +148,7 @@ def validate(cfg: ProbeRunConfig, depth: int) -> None:
     check_range("finetune.smoothing", ft.smoothing, 0, 1, hi_open=True)
     check_range("finetune.reprob", ft.reprob, 0, 1)
     check_range("finetune.eval_every", ft.eval_every, 1)
-    lo, hi = cfg.data.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"data.crop_scale={list(cfg.data.crop_scale)} must satisfy 0 < min <= max <= 1")
-    if cfg.data.name in ("cifar10", "imagefolder") and not cfg.data.root:
-        raise ConfigError(f"data.root is required for data.name={cfg.data.name}, e.g. data.root=../shared/data/cifar10")
+    validate_data(cfg.data)
 
 
 def default_output_dir(cfg: ProbeRunConfig) -> Path:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 from mimkit import checkpoint, dist
 from mimkit.checkpoint import CheckpointError
 from mimkit.config import (Config, ConfigError, DataConfig, build_config, check_range, choices, from_dict,
-                           set_key)
+                           set_key, validate_data)
 from mimkit.data import (DATA_PRESETS, EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats,
                          denormalize, eval_transform, make_loader)
 from mimkit.dist import autocast
@@ -85,12 +85,10 @@ def validate(cfg: AnalyzeConfig) -> None:
     check_range("limit", cfg.limit, 0)
     check_range("batch_size", cfg.batch_size, 1)
     check_range("metric_samples", cfg.metric_samples, 1)
-    check_range("data.img_size", cfg.data.img_size, 1)
+    validate_data(cfg.data)
     for k in ("gallery_tokens", "gallery_patches", "map_images", "heatmap_tokens"):
         check_range(f"figures.{k}", getattr(cfg.figures, k), 1)
     check_range("figures.context", cfg.figures.context, 0)
-    if cfg.data.name in ("cifar10", "imagefolder") and not cfg.data.root:
-        raise ConfigError(f"data.root is required for data.name={cfg.data.name}, e.g. data.root=../shared/data/cifar10")
 
 
 def parse_tokenizers(spec: str) -> dict[str, str]:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mimkit.config import (ConfigError, DataConfig, OptimConfig, build_config, check_range, choices)
+from mimkit.config import (ConfigError, DataConfig, OptimConfig, build_config, check_range, choices,
+                           validate_data)
 from mimkit.data import DATA_PRESETS
 
 KINDS = ("kmeans", "dvae", "vqkd")
@@ -119,12 +120,10 @@ def validate(cfg: TokenizerConfig) -> None:
     check_range("epochs", cfg.epochs, 0)
     check_range("batch_size", cfg.batch_size, 1)
     check_range("accum_iter", cfg.accum_iter, 1)
-    check_range("data.img_size", cfg.data.img_size, 1)
+    validate_data(cfg.data)
     check_range("optim.blr", cfg.optim.blr, 0, lo_open=True)
     if cfg.data.img_size % cfg.patch_size:
         raise ConfigError(f"data.img_size={cfg.data.img_size} is not divisible by patch_size={cfg.patch_size}")
-    if cfg.data.name in ("cifar10", "imagefolder") and not cfg.data.root:
-        raise ConfigError(f"data.root is required for data.name={cfg.data.name}, e.g. data.root=../shared/data/cifar10")
     grid = cfg.data.img_size // cfg.patch_size
     if cfg.kind == "kmeans":
         check_range("kmeans.max_samples", cfg.kmeans.max_samples, cfg.vocab_size)
