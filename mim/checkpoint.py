@@ -58,6 +58,9 @@ def load(path: str | Path, kind: str = "pretrain") -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
+        if type(e).__name__ == "UnpicklingError":  # not torch's advice (weights_only=False runs pickled code)
+            raise CheckpointError(f"{path} is not a mimkit checkpoint: not a torch file that loads with "
+                                  f"weights_only=True") from None
         raise CheckpointError(f"{path} is not a readable mimkit checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200]})") from None
     if not isinstance(ckpt, dict) or ckpt.get("mimkit") != kind:
