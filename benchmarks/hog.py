@@ -6,8 +6,6 @@ the normalized image; at 8-px cells (skimage's default size) and 2-px cells (mim
 patch 4, 2x2 cells). Sobel mode (MaskFeat's default) is timed too, with nothing to compare it with."""
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 from PIL import Image
@@ -15,21 +13,9 @@ from PIL import Image
 from mimkit.data import CIFAR10_STATS
 from mimkit.hog import HOG
 
-from .common import SHARED_DATA, write_result
+from .common import SHARED_DATA, side_by_side, write_result
 
 CIFAR10 = SHARED_DATA / "cifar10"
-
-
-def fastest(fn, repeats: int) -> float:
-    """Best wall time of `repeats` calls after one warm-up: on a machine shared with other jobs the minimum is
-    the stable estimate of a call's own cost (the median follows the neighbours' load). Both sides alike."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return min(times)
 
 
 def load_images(n: int = 256) -> torch.Tensor:
@@ -52,18 +38,28 @@ def skimage_hog(x: np.ndarray, cell: int) -> np.ndarray:
     return np.asarray(out).transpose(0, 1, 4, 2, 3)
 
 
-def compare(cell: int, x: torch.Tensor, repeats: int) -> dict:
+def one_thread(fn):
+    """fn on one thread (skimage runs on one core: the per-core ratio, robust to other load on the machine)."""
+    def call():
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            return fn()
+        finally:
+            torch.set_num_threads(threads)
+    return call
+
+
+def compare(cell: int, x: torch.Tensor, repeats: int, calls: int = 10) -> dict:
     x64 = x.double().numpy()
     central, sobel = HOG(9, cell, "central"), HOG(9, cell, "sobel")
-    t_batched = fastest(lambda: central(x), repeats)
-    t_sobel = fastest(lambda: sobel(x), repeats)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # skimage runs on one core: the per-core ratio, robust to other load on the machine
-    try:
-        t_one = fastest(lambda: central(x), repeats)
-    finally:
-        torch.set_num_threads(threads)
-    t_skimage = fastest(lambda: skimage_hog(x64, cell), max(1, repeats // 3))
+    batch = lambda hog: lambda: [hog(x) for _ in range(calls)]  # noqa: E731 (a few ms alone is too short to time)
+    # Interleaved rounds, the fastest of each contender: on a machine shared with other jobs the minimum is the
+    # stable estimate of a call's own cost (the median follows the neighbours' load). Both sides alike.
+    timed = side_by_side({"batched": batch(central), "sobel": batch(sobel), "one_thread": one_thread(batch(central)),
+                          "skimage": lambda: skimage_hog(x64, cell)}, repeats)
+    t_batched, t_sobel, t_one = (timed[k]["min_s"] / calls for k in ("batched", "sobel", "one_thread"))
+    t_skimage = timed["skimage"]["min_s"]
     ref = skimage_hog(x64, cell)
     diff32 = np.abs(central(x).double().numpy() - ref)  # float32 batched vs float64 skimage
     diff64 = np.abs(central(x.double()).numpy() - ref)

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 GRADIENTS = ("sobel", "central")
+CPU_CHUNK_PIXELS = 2 ** 18
 
 
 def gaussian_window(size: int, std: float) -> torch.Tensor:
@@ -48,38 +49,56 @@ class HOG(nn.Module):
         if window:  # not persistent: checkpoints hold only learned weights
             self.register_buffer("gkern", gaussian_window(window, window // 2), persistent=False)
 
+    def gradients(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """maps [N, H, W] -> (d/dcol, d/drow), each [N, H, W], with reflect padding at the border."""
+        N, H, W = maps.shape
+        # Central differences written straight into their buffers, zero on the border: reflect padding makes
+        # x[-1] = x[1], so a border gradient is exactly 0 (as scikit-image sets it). Differencing first, then
+        # smoothing, keeps them exactly 0 under Sobel too (a one-pass 3x3 Sobel sum leaves +-1e-16 residues whose
+        # sign throws their angle between 0 and 180 deg); on CPU this is 2-5x faster than conv2d (measured).
+        gx, gy = maps.new_zeros(N, H, W), maps.new_zeros(N, H, W)  # zeroing all is faster than zeroing columns
+        torch.sub(maps[:, :, 2:], maps[:, :, :-2], out=gx[:, :, 1:-1])
+        torch.sub(maps[:, 2:], maps[:, :-2], out=gy[:, 1:-1])
+        if self.gradient == "sobel":  # the [1, 2, 1] filter across each difference, reflect-padded likewise
+            px, py = F.pad(gx, (0, 0, 1, 1), mode="reflect"), F.pad(gy, (1, 1, 0, 0), mode="reflect")
+            gx = (px[:, :-2] + px[:, 2:]).add_(px[:, 1:-1], alpha=2)
+            gy = (py[:, :, :-2] + py[:, :, 2:]).add_(py[:, :, 1:-1], alpha=2)
+        return gx, gy
+
     def histograms(self, imgs: torch.Tensor) -> torch.Tensor:
         """Magnitude-weighted orientation histograms per cell, before normalization."""
         B, C, H, W = imgs.shape
         c, K = self.cell, self.nbins
         if H % c or W % c:
             raise ValueError(f"image size {H}x{W} is not divisible by the HOG cell size {c}")
-        # Gradients as shifted differences of the reflect-padded maps (the separable [-1, 0, 1] filter, then
-        # [1, 2, 1] across it for Sobel): on CPU 2-5x faster than conv2d (measured, single- or grouped-channel), and
-        # differencing first keeps gradients across a reflected border exactly zero (a one-pass 3x3 Sobel sum
-        # leaves +-1e-16 residues whose sign throws their angle between 0 and 180 deg).
-        x = F.pad(imgs.reshape(B * C, H, W), (1, 1, 1, 1), mode="reflect")
-        d_col, d_row = x[:, :, 2:] - x[:, :, :-2], x[:, 2:] - x[:, :-2]  # [N, H+2, W], [N, H, W+2]
-        if self.gradient == "sobel":
-            gx = (d_col[:, :-2] + d_col[:, 2:]).add_(d_col[:, 1:-1], alpha=2)
-            gy = (d_row[:, :, :-2] + d_row[:, :, 2:]).add_(d_row[:, :, 1:-1], alpha=2)
-        else:
-            gx, gy = d_col[:, 1:-1], d_row[:, :, 1:-1]
-        mag = torch.hypot(gx, gy)
+        maps = imgs.reshape(B * C, H, W)
+        # On CPU, chunks of ~2^18 pixels keep the dozen elementwise passes below in the cores' caches: 1.0-2x
+        # faster than one pass over 256 CIFAR-10 images (measured side by side); a GPU takes the batch at once.
+        per_chunk = max(1, CPU_CHUNK_PIXELS // (H * W)) if maps.device.type == "cpu" else len(maps)
+        hist = torch.cat([self.cell_histograms(chunk) for chunk in maps.split(per_chunk)])
+        return hist.view(B, C, H // c, W // c, K).permute(0, 1, 4, 2, 3)
+
+    def cell_histograms(self, maps: torch.Tensor) -> torch.Tensor:
+        """maps [N, H, W] -> histograms [N, cells, nbins], cells in row-major order."""
+        N, H, W = maps.shape
+        c, K = self.cell, self.nbins
+        gx, gy = self.gradients(maps)
+        mag = (gx * gx).addcmul_(gy, gy).sqrt_()  # on CPU faster than hypot; gradients are O(1), no overflow
         if self.window:
             mag.mul_(self.gkern.to(mag.dtype).repeat(H // self.window, W // self.window))
-        # Signed bin floor(atan2 * K / pi) + K in [0, 2K] (2K only at exactly +180 deg); unsigned bin = signed mod K,
-        # folded on the small per-cell histograms below rather than on every pixel.
-        slots = 2 * K + 1
-        idx = torch.atan2(gy, gx).mul_(K / math.pi).add_(K).long()
-        cell_of = torch.arange(H, device=idx.device) // c * (W // c), torch.arange(W, device=idx.device) // c
-        idx.add_((cell_of[0][:, None] + cell_of[1][None, :]) * slots)
+        # The unsigned angle is atan(gy / gx) mod pi: atan2 differs from atan only by +-pi, which the fold removes,
+        # and atan + a division cost half of atan2 on CPU (measured). 0 / 0 -> 0, as atan2(0, 0) = 0.
+        # floor(atan * K / pi) + K is a slot in [0, 2K); slot mod K is the bin, folded on the small per-cell
+        # histograms below rather than on every pixel. Each pixel's slot is offset by its cell's first slot; the
+        # sum is of whole numbers below 2^24, exact in float, and cast to an index once.
+        slots = 2 * K
+        cell_row, cell_col = torch.arange(H, device=maps.device) // c, torch.arange(W, device=maps.device) // c
+        first_slot = ((cell_row[:, None] * (W // c) + cell_col[None, :]) * slots + K).to(mag.dtype)
+        idx = torch.div(gy, gx).nan_to_num_(0.0).atan_().mul_(K / math.pi).floor_().add_(first_slot).long()
         n_cells = (H // c) * (W // c)
-        hist = torch.zeros(B * C, n_cells * slots, dtype=mag.dtype, device=mag.device)
-        hist = hist.scatter_add_(1, idx.view(B * C, -1), mag.view(B * C, -1)).view(B * C, n_cells, slots)
-        out = hist[..., :K] + hist[..., K:2 * K]
-        out[..., 0] += hist[..., 2 * K]
-        return out.view(B, C, H // c, W // c, K).permute(0, 1, 4, 2, 3)
+        hist = mag.new_zeros(N, n_cells * slots)
+        hist = hist.scatter_add_(1, idx.view(N, -1), mag.view(N, -1)).view(N, n_cells, slots)
+        return hist[..., :K] + hist[..., K:]
 
     @torch.no_grad()
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
