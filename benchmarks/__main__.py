@@ -25,12 +25,15 @@ def headlines(name: str, r: dict) -> list[tuple[str, str, str]]:
                  for x in r["rows"] if "tokenizer_overhead" in x]
         return rows + [(f"{m} step", "skipped", why) for m, why in r["skipped"].items()]
     if name == "peer":
-        rows = [(k[len("speedup_"):].replace("_vs_", " vs "), f"{v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]",
-                 ">= 1.5x" if "lightly" in k else "") for k, v in r.items() if k.startswith("speedup_")]
+        from .peer import speedup_rows
+        rows = [(what, f"{v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]", goal) for what, v, goal in speedup_rows(r)]
         return rows or [("mimkit vs lightly", "skipped", r["lightly_missing"])]
     if name == "machine":
         return [(f"{n} FLOP/s / matmul FLOP/s", f"{f['median']:.2f} [{f['min']:.2f}-{f['max']:.2f}]",
-                 ">= 0.57" if n.startswith("mimkit") else "") for n, f in r["fractions"].items()]
+                 ">= 0.57" if n.startswith("mimkit") else "") for n, f in r["fractions"].items()] + [
+                (f"{n} FLOP/s / fp32 matmul FLOP/s", f"{f['median']:.2f} [{f['min']:.2f}-{f['max']:.2f}]",
+                 ">= 0.57" if n.startswith("mimkit") else "") for n, f in r.get("fractions_fp32_matmul", {}).items()
+                if "+bf16" in n]
     if name == "hog":
         return [("batched HOG vs skimage", f"{r['speedup_min']:.0f}x (1 thread {r['speedup_1thread_min']:.0f}x)",
                  ">= 50x")]

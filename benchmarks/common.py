@@ -75,9 +75,10 @@ def count_flops(fn: Callable[[], object]) -> int:
     return counter.get_total_flops()
 
 
-def matmul_fn(n: int = 2048, device: torch.device | str = "cpu") -> tuple[Callable[[], object], int]:
-    """(a fp32 n x n matmul, its 2n^3 FLOPs): the machine's reference FLOP/s."""
-    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+def matmul_fn(n: int = 2048, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> tuple[Callable[[], object], int]:
+    """(an n x n matmul, its 2n^3 FLOPs): the machine's reference FLOP/s in that dtype."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
     return (lambda: a @ b), 2 * n ** 3
 
 

@@ -17,7 +17,7 @@ import torch
 from mimkit.cli import pretrain_config
 from mimkit.data import dataset_stats
 from mimkit.dist import autocast
-from mimkit.engine import build_optimizer
+from mimkit.engine import build_optimizer, place_model
 from mimkit.masking import build_mask_generator
 from mimkit.methods import METHODS, build_method
 
@@ -86,10 +86,10 @@ def method_config(method: str, preset: str = "cpu", extra: tuple[str, ...] = (),
 
 def build_step(cfg, dev: torch.device | None = None):
     """(step, model, imgs, mask): one engine step (autocast as the engine, backward, AdamW, zero_grad) on a
-    fixed random batch with masks from the method's generator; `cfg.compile` compiles the model as the engine."""
+    fixed random batch with masks from the method's generator; `cfg.compile` and `cfg.precision` as the engine."""
     dev = dev or device()
     torch.manual_seed(0)
-    model = build_method(cfg).to(dev).train()
+    model = place_model(build_method(cfg), cfg, dev).train()
     opt = build_optimizer(model, cfg, dev)
     train_model = torch.compile(model) if cfg.compile else model
     grid = cfg.data.img_size // cfg.model.patch_size
@@ -99,7 +99,7 @@ def build_step(cfg, dev: torch.device | None = None):
     mask = torch.stack([gen(g) for _ in range(cfg.batch_size)]).to(dev)
 
     def step():
-        with autocast(dev):
+        with autocast(dev, cfg.precision):
             loss = train_model(imgs, mask)["loss"]
         loss.backward()
         opt.step()

@@ -127,6 +127,9 @@ class Config:
     overwrite: bool = False  # start afresh in an existing output_dir
     deterministic: bool = False
     compile: bool = False
+    # auto: bf16 autocast on CUDA, fp32 on CPU. bf16 on CPU is 2x faster where the CPU multiplies bf16 natively
+    # (AMX: Xeon Sapphire Rapids and later; benchmarks/README.md) and much slower where it does not.
+    precision: str = choices("auto", "fp32", "bf16", default="auto")
     vis_every: int = 10  # epochs between TensorBoard image panels
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

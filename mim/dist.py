@@ -63,9 +63,14 @@ def init(device_name: str = "auto") -> torch.device:
     return device
 
 
-def autocast(device: torch.device) -> torch.autocast:
-    """The precision every forward runs in: bf16 autocast on CUDA; fp32 on CPU (bf16 measured no faster there)."""
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
+    """precision "auto" is bf16 on CUDA and fp32 on CPU; "bf16" and "fp32" are that on any device."""
+    return precision == "bf16" or (precision == "auto" and device.type == "cuda")
+
+
+def autocast(device: torch.device, precision: str = "auto") -> torch.autocast:
+    """The precision a forward runs in: bf16 autocast or fp32, as `uses_bf16` says."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=uses_bf16(device, precision))
 
 
 def _all_reduce(value: float, device: torch.device) -> float:

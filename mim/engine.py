@@ -21,6 +21,7 @@ from .data import (EpochSampler, MaskedImages, Transformed, build_dataset, eval_
                    pretrain_transform)
 from .masking import build_mask_generator
 from .methods import build_method
+from .vit import use_fused_attention
 
 
 class NonFiniteLossError(RuntimeError):
@@ -92,6 +93,16 @@ def write_run_dir(cfg: Config) -> Path:
     return rundir.write(resolve_output_dir(cfg), cfg, cfg.overwrite, rundir.RUN_FILES + ("reconstructions.png",))
 
 
+def place_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+    """The model on its device, with the attention kernel that trains fastest in its precision there."""
+    model = model.to(device)
+    if device.type == "cpu" and dist.uses_bf16(device, cfg.precision):
+        # The fused attention kernel's bf16 backward is slow on CPU: 1.6 s of a 2.5 s MAE step on the CPU
+        # preset, 10x its fp32 time. timm's plain path makes the bf16 step 2x faster than fp32 (measured).
+        use_fused_attention(model, False)
+    return model
+
+
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     # No weight decay on biases, norms, tokens and 1-D parameters (timm's grouping, as in MAE).
     groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
@@ -138,7 +149,7 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(sampler)} training images per process; "
                           f"lower batch_size or raise data.limit")
 
-    model = build_method(cfg).to(device)
+    model = place_model(build_method(cfg), cfg, device)
     if dist.world_size() > 1:
         torch.manual_seed(dist.rank_seed(cfg.seed))  # but a different drop path on each rank
     optimizer = build_optimizer(model, cfg, device)
@@ -193,7 +204,7 @@ def train(cfg: Config) -> dict:
             mask = mask.to(device, non_blocking=True)
             # gradient accumulation: all-reduce the gradients once per optimizer step, not per micro-batch
             sync = ddp is None or (it + 1) % cfg.accum_iter == 0
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), dist.autocast(device):
+            with (contextlib.nullcontext() if sync else ddp.no_sync()), dist.autocast(device, cfg.precision):
                 outputs = train_model(imgs, mask)
             loss = outputs["loss"]
             # the mean over ranks: logged, and a NaN on any rank stops or skips the step on every rank

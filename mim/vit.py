@@ -54,6 +54,14 @@ def make_blocks(dim: int, depth: int, num_heads: int, mlp_ratio: float = 4.0, dr
     ])
 
 
+def use_fused_attention(model: nn.Module, fused: bool) -> None:
+    """Switch every timm attention layer in `model` between torch's fused scaled-dot-product kernel and timm's
+    plain matmul-softmax-matmul path (the same function)."""
+    for m in model.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = fused
+
+
 class ViT(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0, drop_path: float = 0.0,

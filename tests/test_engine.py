@@ -100,3 +100,42 @@ def test_existing_run_dir_is_never_overwritten_silently(cfg_factory):
         train(cfg_factory("epochs=1", "resume=none"))
     m = train(cfg_factory("epochs=1", "optim.blr=0.5", "overwrite=true"))
     assert m["epochs"] == 1
+
+
+def test_precision_bf16_trains_in_bf16_with_plain_attention_on_cpu(cfg_factory, monkeypatch):
+    """precision=bf16 runs the forward under bf16 autocast and switches timm's attention to its plain path on
+    CPU (the fused kernel's bf16 backward is slow there); the loss still falls. fp32 (auto on CPU) keeps both."""
+    from mimkit import dist
+    from mimkit.methods import MAE
+    cpu = torch.device("cpu")
+    assert not dist.uses_bf16(cpu) and dist.uses_bf16(cpu, "bf16") and not dist.uses_bf16(torch.device("cuda"), "fp32")
+    assert dist.uses_bf16(torch.device("cuda"))
+    seen = {}
+    forward = MAE.forward
+
+    def spy(self, imgs, mask):
+        seen["autocast"] = torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+        seen["fused"] = {m.fused_attn for m in self.modules() if hasattr(m, "fused_attn")}
+        return forward(self, imgs, mask)
+
+    monkeypatch.setattr(MAE, "forward", spy)
+    m = train(cfg_factory("epochs=6", "precision=bf16"))
+    assert seen == {"autocast": True, "fused": {False}}
+    assert m["final_loss"] < 0.7 * m["first_loss"], m["loss_history"]
+    train(cfg_factory("epochs=1", "overwrite=true"))
+    assert seen == {"autocast": False, "fused": {True}}
+    with pytest.raises(ConfigError, match="precision.*auto, fp32, bf16"):
+        cfg_factory("precision=fp16")
+
+
+def test_plain_and_fused_attention_compute_the_same():
+    """The switch `place_model` makes changes the kernel, not the function."""
+    from mimkit.vit import ViT, use_fused_attention
+    torch.manual_seed(0)
+    vit = ViT(img_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4).eval()
+    x = torch.randn(2, 3, 16, 16)
+    mask = torch.zeros(2, 16, dtype=torch.bool)
+    use_fused_attention(vit, True)
+    fused = vit(x, mask)
+    use_fused_attention(vit, False)
+    assert torch.allclose(vit(x, mask), fused, atol=1e-5)
