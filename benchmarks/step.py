@@ -89,7 +89,7 @@ def build_step(cfg, dev: torch.device | None = None):
     fixed random batch with masks from the method's generator; `cfg.compile` and `cfg.precision` as the engine."""
     dev = dev or device()
     torch.manual_seed(0)
-    model = place_model(build_method(cfg), cfg, dev).train()
+    model = place_model(build_method(cfg), dev, cfg.precision).train()
     opt = build_optimizer(model, cfg, dev)
     train_model = torch.compile(model) if cfg.compile else model
     grid = cfg.data.img_size // cfg.model.patch_size

@@ -93,10 +93,10 @@ def write_run_dir(cfg: Config) -> Path:
     return rundir.write(resolve_output_dir(cfg), cfg, cfg.overwrite, rundir.RUN_FILES + ("reconstructions.png",))
 
 
-def place_model(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.nn.Module:
+def place_model(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> torch.nn.Module:
     """The model on its device, with the attention kernel that trains fastest in its precision there."""
     model = model.to(device)
-    if device.type == "cpu" and dist.uses_bf16(device, cfg.precision):
+    if device.type == "cpu" and dist.uses_bf16(device, precision):
         # The fused attention kernel's bf16 backward is slow on CPU: 1.6 s of a 2.5 s MAE step on the CPU
         # preset, 10x its fp32 time. timm's plain path makes the bf16 step 2x faster than fp32 (measured).
         use_fused_attention(model, False)
@@ -149,7 +149,7 @@ def train(cfg: Config) -> dict:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(sampler)} training images per process; "
                           f"lower batch_size or raise data.limit")
 
-    model = place_model(build_method(cfg), cfg, device)
+    model = place_model(build_method(cfg), device, cfg.precision)
     if dist.world_size() > 1:
         torch.manual_seed(dist.rank_seed(cfg.seed))  # but a different drop path on each rank
     optimizer = build_optimizer(model, cfg, device)

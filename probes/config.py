@@ -67,6 +67,7 @@ class ProbeRunConfig:
     output_dir: str = ""  # default: <pretraining run>/probe_<protocol>_<data.name>
     seed: int = 0
     device: str = choices("auto", "cpu", "cuda", default="auto")
+    precision: str = choices("auto", "fp32", "bf16", default="auto")  # as pretraining's (bf16 on CPU: AMX only)
     epochs: int = 90
     batch_size: int = 256
     accum_iter: int = 1

@@ -16,7 +16,7 @@ from timm.optim import param_groups_layer_decay
 
 from mimkit.config import ConfigError
 from mimkit.data import Transformed, build_dataset, dataset_stats, eval_transform, make_loader
-from mimkit.engine import effective_lr
+from mimkit.engine import effective_lr, place_model
 from mimkit.vit import ViT
 
 from .export import export_state_dict, timm_kwargs
@@ -82,7 +82,7 @@ def run_finetune(run: "ProbeRun") -> dict:
     if len(train_loader) == 0:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(train_set)} training images; lower batch_size")
 
-    model = finetune_model(run.encoder.cpu(), num_classes, ft.drop_path).to(device)
+    model = place_model(finetune_model(run.encoder.cpu(), num_classes, ft.drop_path), device, cfg.precision)
     base_lr = effective_lr(cfg)
     optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.optim.weight_decay, ft.layer_decay), lr=base_lr,
                                   betas=tuple(cfg.optim.betas))
@@ -119,7 +119,7 @@ def run_finetune(run: "ProbeRun") -> dict:
             f"lr {base_lr:.3g}, layer decay {ft.layer_decay}, mixup {ft.mixup} cutmix {ft.cutmix}, "
             f"RandAugment {ft.auto_augment or 'off'}, erasing {ft.reprob}")
     history = fit(model, optimizer, lambda epoch: train_loader, len(train_loader), loss_fn,
-                  lambda: evaluate(model, test_loader, device), run, ft.eval_every, keep_best)
+                  lambda: evaluate(model, test_loader, device, cfg.precision), run, ft.eval_every, keep_best)
     summary = summarize(history)
     # the reported accuracy is the best checkpoint's (MAE reports the max over epochs)
     return {"n_train": len(train_set), "n_test": len(test_set), "lr": base_lr, **summary,

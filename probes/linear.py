@@ -86,7 +86,8 @@ def run_linear(run: "ProbeRun") -> dict:
     run.log(f"linear probe ({cfg.linear.mode}): {n_train} images, {cfg.epochs} epochs, {steps} steps/epoch, "
             f"lr {base_lr:.3g}")
     history = fit(head, optimizer, batches, steps, lambda x, y: F.cross_entropy(head(x), y),
-                  lambda: evaluate(head, feature_batches(test_feats, test_labels, cfg.batch_size, None), device), run)
+                  lambda: evaluate(head, feature_batches(test_feats, test_labels, cfg.batch_size, None), device,
+                                   cfg.precision), run)
     run.save("last.pt", {"mimkit": "linear_probe", "head": head.state_dict(), **history[-1],
                          "features": {"pool": cfg.features.pool, "layer": cfg.features.layer}})
     return {"n_train": n_train, "n_test": len(test_labels), "lr": base_lr, **summarize(history)}

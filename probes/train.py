@@ -1,6 +1,6 @@
 """The supervised epoch loop shared by the linear probe and fine-tuning: per-step warmup + cosine lr (times each
-group's `lr_scale`, for layer-wise decay), gradient accumulation and clipping, bf16 autocast on CUDA, validation
-with top-1 / top-5, TensorBoard and log lines."""
+group's `lr_scale`, for layer-wise decay), gradient accumulation and clipping, bf16 autocast as `precision` says,
+validation with top-1 / top-5, TensorBoard and log lines."""
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -17,13 +17,13 @@ if TYPE_CHECKING:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device) -> dict[str, float]:
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device, precision: str = "auto") -> dict[str, float]:
     """Top-1 / top-5 accuracy (%) of `model` over (inputs, labels) batches."""
     was_training = model.training
     model.eval()
     logits, labels = [], []
     for x, y in batches:
-        with autocast(device):
+        with autocast(device, precision):
             logits.append(model(x.to(device, non_blocking=True)).float().cpu())
         labels.append(torch.as_tensor(y).cpu())
     model.train(was_training)
@@ -47,7 +47,7 @@ def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[i
             if it % cfg.accum_iter == 0:
                 lr = lr_at(epoch + it / steps_per_epoch, cfg, base_lr)
                 set_lr(optimizer, lr)
-            with autocast(device):
+            with autocast(device, cfg.precision):
                 loss = loss_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
             if not torch.isfinite(loss):  # before the step: the weights (and any best.pt) stay finite
                 raise NonFiniteLossError(f"non-finite probe loss ({loss.item()}) at step {step} (epoch {epoch + 1}); "

@@ -117,3 +117,20 @@ def test_probe_config_files_parse():
         assert cfg.protocol == protocol and cfg.data.name in ("digits", "cifar10", "imagefolder")
     ft = probe_config("finetune", [str(REPO_CONFIGS / "probe" / "finetune_imagenet.yaml")], ["checkpoint=x.pt"])
     assert (ft.finetune.layer_decay, ft.batch_size * ft.accum_iter, ft.optim.blr) == (0.65, 1024, 5e-4)
+
+
+def test_finetune_precision_bf16_reaches_the_model_and_its_loop(ckpt, tmp_path, monkeypatch):
+    """precision=bf16: the fine-tuned ViT trains under bf16 autocast with timm's plain attention (on CPU)."""
+    from mimkit.probes import finetune
+    seen = []
+    real = finetune.place_model
+
+    def spy(model, device, precision="auto"):
+        model = real(model, device, precision)
+        model.register_forward_pre_hook(lambda m, a: seen.append(
+            (torch.is_autocast_enabled("cpu"), {x.fused_attn for x in m.modules() if hasattr(x, "fused_attn")})))
+        return model
+
+    monkeypatch.setattr(finetune, "place_model", spy)
+    probe("finetune", ckpt, tmp_path / "ft", "epochs=1", "data.limit=64", "test_limit=32", "precision=bf16")
+    assert seen and set(a for a, _ in seen) == {True} and all(f == {False} for _, f in seen)

@@ -132,3 +132,17 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, mon
         train_tokenizer(cfg)
     ckpt = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 0 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+def test_precision_bf16_trains_under_bf16_autocast(tmp_path, monkeypatch):
+    real, seen = DVAETraining.loss, set()
+
+    def spy(self, imgs, progress):
+        seen.add(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real(self, imgs, progress)
+
+    monkeypatch.setattr(DVAETraining, "loss", spy)
+    args = [f"output_dir={tmp_path / 'r'}", "batch_size=32", "data.limit=64", "eval_limit=32", "dvae.hidden=16",
+            "epochs=1", "precision=bf16"]
+    m = train_tokenizer(tokenizer_config(["configs/tokenizer/dvae_digits.yaml"], args))
+    assert seen == {True} and all(math.isfinite(v) for v in m["loss_history"])

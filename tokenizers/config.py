@@ -63,6 +63,7 @@ class TokenizerConfig:
     output_dir: str = ""  # default: runs/tokenizer_<kind>_<data.name>
     seed: int = 0
     device: str = choices("auto", "cpu", "cuda", default="auto")
+    precision: str = choices("auto", "fp32", "bf16", default="auto")  # as pretraining's (bf16 on CPU: AMX only)
     patch_size: int = 16  # the encoder's patch size: one token per patch, grid = data.img_size // patch_size
     vocab_size: int = 8192
     epochs: int = 100  # dvae, vqkd

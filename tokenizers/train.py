@@ -20,7 +20,8 @@ from mimkit.config import ConfigError, to_dict
 from mimkit.dist import autocast
 from mimkit.data import (EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats, eval_transform,
                          make_loader, pretrain_transform)
-from mimkit.engine import NonFiniteLossError, RunLog, backward_step, build_optimizer, effective_lr, lr_at, set_lr
+from mimkit.engine import (NonFiniteLossError, RunLog, backward_step, build_optimizer, effective_lr, lr_at, place_model,
+                           set_lr)
 
 from .base import Tokenizer, codebook_stats
 from .config import TokenizerConfig, dvae_input_size, validate
@@ -69,12 +70,12 @@ def build_trainable(cfg: TokenizerConfig, stats: tuple, grid: int, teacher, devi
         else:
             tok = DVAE(img, grid, cfg.vocab_size, mean, std, dvae_input_size(cfg), d.groups, d.hidden,
                        d.blocks_per_group)
-        return tok.to(device), DVAETraining(tok, d)
+        return place_model(tok, device, cfg.precision), DVAETraining(tok, d)
     v = cfg.vqkd
     teacher = teacher.to(device)
     tok = VQKD(img, grid, cfg.vocab_size, mean, std, teacher.feature_dim(), v.embed_dim, v.depth, v.num_heads,
                v.code_dim, v.decoder_depth, v.decoder_embed_dim, v.decoder_num_heads, v.decay, v.beta, v.restart)
-    return tok.to(device), VQKDTraining(tok, teacher)
+    return place_model(tok, device, cfg.precision), VQKDTraining(tok, teacher)
 
 
 def fit_kmeans_tokenizer(cfg: TokenizerConfig, train_set, stats: tuple, grid: int, teacher, device: torch.device,
@@ -92,14 +93,14 @@ def fit_kmeans_tokenizer(cfg: TokenizerConfig, train_set, stats: tuple, grid: in
 
 
 @torch.no_grad()
-def evaluate(tok: Tokenizer, training, loader, device: torch.device) -> dict:
+def evaluate(tok: Tokenizer, training, loader, device: torch.device, precision: str = "auto") -> dict:
     """Codebook usage / perplexity of the ids of the held-out split, plus the kind's own held-out metrics."""
     was_training = tok.training
     tok.eval()
     ids, sums, n = [], defaultdict(float), 0
     for imgs, _ in loader:
         imgs = imgs.to(device, non_blocking=True)
-        with autocast(device):
+        with autocast(device, precision):
             batch_ids, m = training.evaluate(imgs) if training is not None else (tok.encode(imgs), {})
         ids.append(batch_ids.cpu())
         for key, v in m.items():
@@ -146,7 +147,7 @@ def fit_trainable(cfg: TokenizerConfig, tok: Tokenizer, training, train_set, tes
                 lr = lr_at(epoch + it / steps, cfg, base_lr)
                 set_lr(optimizer, lr)
             imgs = imgs.to(device, non_blocking=True)
-            with autocast(device):
+            with autocast(device, cfg.precision):
                 outputs = training.loss(imgs, (epoch * steps + it) / (cfg.epochs * steps))
             loss = outputs["loss"]
             if not torch.isfinite(loss):
@@ -163,7 +164,7 @@ def fit_trainable(cfg: TokenizerConfig, tok: Tokenizer, training, train_set, tes
             bar.set_postfix(loss=f"{scalars['loss']:.4f}")
         record = {"epoch": epoch + 1, **{k: v / steps for k, v in sums.items()}, "seconds": time.perf_counter() - t0}
         if (epoch + 1) % cfg.vis_every == 0 or epoch + 1 == cfg.epochs:
-            held = evaluate(tok, training, test_loader, device)
+            held = evaluate(tok, training, test_loader, device, cfg.precision)
             record.update({f"val_{k}": v for k, v in held.items()})
             for k, v in held.items():
                 writer.add_scalar(f"val/{k}", v, epoch + 1)
@@ -213,7 +214,7 @@ def train_tokenizer(cfg: TokenizerConfig) -> dict:
     if last.get("epoch") == cfg.epochs and "val_usage" in last:  # the last epoch was just evaluated: reuse it
         held = {k[len("val_"):]: v for k, v in last.items() if k.startswith("val_")}
     else:
-        held = evaluate(tok, training, test_loader, device)
+        held = evaluate(tok, training, test_loader, device, cfg.precision)
     tok.save(out / "tokenizer.pt")
     metrics = {"kind": cfg.kind, "dataset": cfg.data.name, "vocab_size": tok.vocab_size, "grid": tok.grid,
                "heldout_images": len(test_set), **{f"heldout_{k}": v for k, v in held.items()}, **fit,
