@@ -33,7 +33,7 @@ from mimkit.data import (DATA_PRESETS, EpochSampler, MaskedImages, Transformed, 
                          denormalize, eval_transform, make_loader)
 from mimkit.dist import autocast
 from mimkit.engine import RunLog
-from mimkit.tokenizers.base import FrozenTokenizer, Tokenizer, resize
+from mimkit.tokenizers.base import FrozenTokenizer, Tokenizer, count_stats, resize
 
 from . import semantics_plots as plots
 from .run import prepare_output_dir
@@ -148,13 +148,6 @@ def purity(counts: np.ndarray) -> float:
     return float(counts.max(0).sum() / counts.sum())
 
 
-def usage_perplexity(token_counts: np.ndarray) -> tuple[float, float]:
-    """Share of the vocabulary used and exp(entropy) of the token distribution (as tokenizers.codebook_stats,
-    from counts rather than ids)."""
-    p = token_counts[token_counts > 0] / token_counts.sum()
-    return float((token_counts > 0).mean()), float(math.exp(-(p * np.log(p)).sum()))
-
-
 def cluster_scores(labels: np.ndarray, ids: np.ndarray) -> dict[str, float]:
     """scikit-learn's clustering scores of patch tokens (clusters) against image labels (classes)."""
     from sklearn import metrics
@@ -167,7 +160,7 @@ def cluster_scores(labels: np.ndarray, ids: np.ndarray) -> dict[str, float]:
 def summarize_counts(counts: np.ndarray) -> dict[str, float]:
     """Every count-based metric of a class x token matrix [C, V]."""
     num_classes = int((counts.sum(1) > 0).sum())
-    usage, perplexity = usage_perplexity(counts.sum(0))
+    usage, perplexity = (count_stats(counts.sum(0))[k] for k in ("usage", "perplexity"))
     h_mean, h_weighted = token_class_entropy(counts)
     score = tcas(counts)
     return {"classes": num_classes, "patches": int(counts.sum()), "codes_used": int((counts.sum(0) > 0).sum()),
@@ -326,7 +319,7 @@ def tokenizer_figures(name: str, tok: Tokenizer, st: TokenStats, dataset, classe
         "gallery": plots.gallery_figure(crops, captions, fc.context),
         "token_maps": plots.token_map_figure(map_imgs, map_ids.view(-1, tok.grid, tok.grid), tok.vocab_size),
         "class_token_heatmap": plots.heatmap_figure(counts, classes, top[:fc.heatmap_tokens]),
-        "code_usage": plots.usage_figure(freq, name, *usage_perplexity(freq)),
+        "code_usage": plots.usage_figure(freq, name, *(count_stats(freq)[k] for k in ("usage", "perplexity"))),
     }
     paths = []
     for fig_name, fig in figs.items():

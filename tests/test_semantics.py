@@ -85,7 +85,9 @@ def test_count_metrics_match_their_definitions():
     assert sem.purity(counts) == pytest.approx((5 + 3 + 3 + 2) / counts.sum())
     ids = torch.from_numpy(np.repeat(np.arange(5), counts.sum(0)))
     ref = codebook_stats(ids, 5)  # the tokenizers' own statistic, from ids
-    assert sem.usage_perplexity(counts.sum(0)) == pytest.approx((ref["usage"], ref["perplexity"]))
+    summary = sem.summarize_counts(counts)
+    assert (summary["usage"], summary["perplexity"]) == pytest.approx((0.8, math.exp(entropy(counts.sum(0)))))
+    assert (summary["usage"], summary["perplexity"]) == pytest.approx((ref["usage"], ref["perplexity"]))
 
 
 def test_tokens_that_never_cross_classes_score_tcas_0_and_purity_1():

@@ -102,7 +102,12 @@ def renormalize(images: torch.Tensor, src: tuple, dst: tuple) -> torch.Tensor:
 def codebook_stats(ids: torch.Tensor, vocab_size: int) -> dict[str, float]:
     """Share of the vocabulary used by `ids` and the perplexity exp(H) of their empirical distribution
     (= vocab_size when every code is equally used)."""
-    counts = torch.bincount(ids.flatten().cpu(), minlength=vocab_size).double()
+    return count_stats(torch.bincount(ids.flatten().cpu(), minlength=vocab_size))
+
+
+def count_stats(counts: torch.Tensor) -> dict[str, float]:
+    """`codebook_stats` from per-code counts [vocab_size] (a tensor or a numpy array)."""
+    counts = torch.as_tensor(counts).double()
     p = counts / counts.sum()
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     return {"usage": (counts > 0).double().mean().item(), "perplexity": math.exp(entropy),
