@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config import DataConfig, build_config, check_range, choices, validate_data
+from mimkit.config import DEVICES, PRECISIONS, DataConfig, build_config, check_range, choices, validate_data
 
 KNN_KS = (10, 20, 100, 200)  # always reported (DINO)
 
@@ -66,8 +66,8 @@ class ProbeRunConfig:
     checkpoint: str = ""  # a mimkit pretraining checkpoint (any method)
     output_dir: str = ""  # default: <pretraining run>/probe_<protocol>_<data.name>
     seed: int = 0
-    device: str = choices("auto", "cpu", "cuda", default="auto")
-    precision: str = choices("auto", "fp32", "bf16", default="auto")  # as pretraining's (bf16 on CPU: AMX only)
+    device: str = choices(*DEVICES, default="auto")
+    precision: str = choices(*PRECISIONS, default="auto")
     epochs: int = 90
     batch_size: int = 256
     accum_iter: int = 1

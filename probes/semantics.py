@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from mimkit import checkpoint, dist
 from mimkit.checkpoint import CheckpointError
-from mimkit.config import (Config, ConfigError, DataConfig, build_config, check_range, choices, from_dict,
+from mimkit.config import (DEVICES, Config, ConfigError, DataConfig, build_config, check_range, choices, from_dict,
                            set_key, validate_data)
 from mimkit.data import (DATA_PRESETS, EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats,
                          denormalize, eval_transform, make_loader)
@@ -56,7 +56,7 @@ class AnalyzeConfig:
     split: str = choices("train", "test", default="test")  # test: val/ or test/ for image folders
     limit: int = 0  # use only N images of the split, evenly spread (0 = all)
     batch_size: int = 256
-    device: str = choices("auto", "cpu", "cuda", default="auto")
+    device: str = choices(*DEVICES, default="auto")
     seed: int = 0  # the patch subsample, the gallery patches and the prediction masks
     overwrite: bool = False  # replace an earlier analysis in output_dir
     metric_samples: int = 200_000  # NMI/AMI/V-measure on at most ~this many patches (exact counts use all)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mimkit.config import (ConfigError, DataConfig, OptimConfig, build_config, check_range, choices,
-                           validate_data)
+from mimkit.config import (DEVICES, PRECISIONS, ConfigError, DataConfig, OptimConfig, build_config, check_range,
+                           choices, validate_data)
 from mimkit.data import DATA_PRESETS
 
 KINDS = ("kmeans", "dvae", "vqkd")
@@ -62,8 +62,8 @@ class TokenizerConfig:
     kind: str = choices(*KINDS, default="kmeans")
     output_dir: str = ""  # default: runs/tokenizer_<kind>_<data.name>
     seed: int = 0
-    device: str = choices("auto", "cpu", "cuda", default="auto")
-    precision: str = choices("auto", "fp32", "bf16", default="auto")  # as pretraining's (bf16 on CPU: AMX only)
+    device: str = choices(*DEVICES, default="auto")
+    precision: str = choices(*PRECISIONS, default="auto")
     patch_size: int = 16  # the encoder's patch size: one token per patch, grid = data.img_size // patch_size
     vocab_size: int = 8192
     epochs: int = 100  # dvae, vqkd
