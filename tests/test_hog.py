@@ -117,6 +117,17 @@ def test_batched_equals_per_image_and_autocast_keeps_float32():
     assert hog.state_dict() == {}  # fixed kernels are not checkpointed
 
 
+def test_cpu_chunks_change_nothing(monkeypatch):
+    """On CPU the maps go through in chunks of CPU_CHUNK_PIXELS: chunks of 5 maps (not a whole number of RGB
+    images) give the same histograms as one pass over the batch."""
+    import mimkit.hog as hog_module
+    x = images().float()
+    h, w = x.shape[-2:]
+    whole = HOG(9, 4, "central")(x)
+    monkeypatch.setattr(hog_module, "CPU_CHUNK_PIXELS", 5 * h * w)
+    assert len(x) * 3 > 5 and torch.equal(HOG(9, 4, "central")(x), whole)
+
+
 def test_glyphs_draw_lines_along_edges():
     hist = torch.zeros(1, 3, 9, 1, 1)
     hist[0, :, 0, 0, 0] = 1.0  # gradient ~10 deg (along columns): the edge, and the line, is near vertical
