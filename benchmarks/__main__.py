@@ -26,7 +26,8 @@ def headlines(name: str, r: dict) -> list[tuple[str, str, str]]:
         return rows + [(f"{m} step", "skipped", why) for m, why in r["skipped"].items()]
     if name == "peer":
         from .peer import speedup_rows
-        rows = [(what, f"{v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]", goal) for what, v, goal in speedup_rows(r)]
+        rows = [(what, f"{v['median']:.2f}x [{v['min']:.2f}-{v['max']:.2f}]", goal)
+                for what, v, goal in speedup_rows(r)]
         return rows or [("mimkit vs lightly", "skipped", r["lightly_missing"])]
     if name == "machine":
         return [(f"{n} FLOP/s / matmul FLOP/s", f"{f['median']:.2f} [{f['min']:.2f}-{f['max']:.2f}]",
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
     for module in ("step", "peer", "e2e"):
         importlib.import_module(f"benchmarks.{module}").add_args(p)
     args = p.parse_args(argv)
-    given = {"repeats": args.repeats, "preset": args.preset, "methods": tuple(args.methods),
+    given = {"repeats": args.repeats, "preset": args.preset, "methods": tuple(args.methods), "extra": tuple(args.extra),
              "compiled": args.compile, "skip_job": args.skip_job}
     summary = {}
     for name in args.names:

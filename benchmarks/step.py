@@ -108,6 +108,14 @@ def build_step(cfg, dev: torch.device | None = None):
     return step, model, imgs, mask
 
 
+def frozen_tokenizer_call(tok, imgs: torch.Tensor, precision: str) -> Callable[[], object]:
+    """The tokenizer's work inside a step: its targets for the batch, in the step's precision."""
+    def call():
+        with autocast(imgs.device, precision):
+            return tok(imgs)
+    return call
+
+
 def run(methods: tuple[str, ...] = (), repeats: int = 3, preset: str = "cpu", extra: tuple[str, ...] = ()) -> dict:
     methods = tuple(methods) or tuple(METHODS)
     fns: dict[str, Callable] = {}
@@ -122,7 +130,7 @@ def run(methods: tuple[str, ...] = (), repeats: int = 3, preset: str = "cpu", ex
                 print(f"step {m:>10}: skipped ({skipped[m]})")
                 continue
             if getattr(model, "tokenizer", None) is not None:
-                fns[f"{m}:tokenizer"] = tokenizer_of[m] = (lambda tok=model.tokenizer, x=imgs: tok(x))
+                fns[f"{m}:tokenizer"] = tokenizer_of[m] = frozen_tokenizer_call(model.tokenizer, imgs, cfg.precision)
         timed = side_by_side(fns, repeats=repeats)
     batch = int(next(o.split("=")[1] for o in reversed([*PRESETS[preset], *extra]) if o.startswith("batch_size=")))
     rows = []
@@ -158,3 +166,5 @@ def run(methods: tuple[str, ...] = (), repeats: int = 3, preset: str = "cpu", ex
 
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--methods", nargs="+", default=[], help=f"default: all of {', '.join(METHODS)}")
+    p.add_argument("--set", nargs="+", default=[], dest="extra", metavar="KEY=VALUE",
+                   help="step: config overrides for every method, e.g. --set precision=bf16")
