@@ -32,8 +32,10 @@ def test_short_run_loss_falls_and_writes_run_dir(cfg_factory):
     assert ckpt["epoch"] == 5 and json.loads((out / "metrics.json").read_text())["epochs"] == 6
 
 
-def test_resume_is_bitwise_exact(cfg_factory, tmp_path, monkeypatch):
-    full = train(cfg_factory("epochs=3", f"output_dir={tmp_path / 'a'}", "model.drop_path=0.1"))
+@pytest.mark.parametrize("precision", ["auto", "bf16"])
+def test_resume_is_bitwise_exact(cfg_factory, tmp_path, monkeypatch, precision):
+    common = ("epochs=3", "model.drop_path=0.1", f"precision={precision}")
+    full = train(cfg_factory(*common, f"output_dir={tmp_path / 'a'}"))
     real_save = engine.save_checkpoint
 
     def save_then_die(path, model, optimizer, epoch, *a, **k):
@@ -42,11 +44,11 @@ def test_resume_is_bitwise_exact(cfg_factory, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
 
     monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
-    cfg_b = cfg_factory("epochs=3", f"output_dir={tmp_path / 'b'}", "model.drop_path=0.1")
+    cfg_b = cfg_factory(*common, f"output_dir={tmp_path / 'b'}")
     with pytest.raises(KeyboardInterrupt):
         train(cfg_b)
     monkeypatch.setattr(engine, "save_checkpoint", real_save)
-    resumed = train(cfg_factory("epochs=3", f"output_dir={tmp_path / 'b'}", "model.drop_path=0.1"))
+    resumed = train(cfg_factory(*common, f"output_dir={tmp_path / 'b'}"))
     a = load(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
     b = load(tmp_path / "b" / "checkpoints" / "last.pt")["model"]
     assert a.keys() == b.keys()
