@@ -1,5 +1,5 @@
 """The pretraining loop shared by every method: AdamW, warmup + half-cycle cosine lr per step, gradient
-accumulation, clipping, bf16 autocast on CUDA, atomic checkpoints with exact resume, TensorBoard, and a
+accumulation, clipping, bf16 autocast (`precision`), atomic checkpoints with exact resume, TensorBoard, and a
 k-NN probe of the result."""
 from __future__ import annotations
 
