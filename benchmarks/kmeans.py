@@ -53,14 +53,12 @@ def synthetic(n: int, seed: int = 0) -> np.ndarray:
 def full_inertia(x: np.ndarray, centres: np.ndarray) -> float:
     """Sum of squared distances to the nearest centre (exact FAISS search; one thread: fastest when loaded)."""
     import faiss
-    from threadpoolctl import threadpool_limits
+
+    from mimkit.tokenizers.kmeans import faiss_threads
     index = faiss.IndexFlatL2(x.shape[1])
     index.add(np.ascontiguousarray(centres, dtype=np.float32))
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
-    with threadpool_limits(limits=1, user_api="blas"):
+    with faiss_threads(1):
         dist, _ = index.search(x, 1)
-    faiss.omp_set_num_threads(threads)
     return float(dist.astype(np.float64).sum())
 
 

@@ -103,7 +103,8 @@ def measure(repeats: int = 3, compiled: bool = False, preset: str = "cpu") -> di
         if missing is None:
             steps[f"lightly{suffix}"] = lightly_step(cfg, dev)
     for name in [n for n in steps if "+" not in n]:  # a variant computes the same FLOPs as its fp32 eager twin
-        flops.update({f"{name}{suffix}": count_flops(steps[name]) for suffix in variants})
+        count = count_flops(steps[name])
+        flops.update({f"{name}{suffix}": count for suffix in variants})
     n = 2048 if preset == "cpu" else 256
     steps["matmul"], flops["matmul"] = matmul_fn(n, dev)
     steps["matmul+bf16"], flops["matmul+bf16"] = matmul_fn(n, dev, torch.bfloat16)
@@ -156,8 +157,8 @@ def print_rows(s: dict) -> None:
     for name, r in s["rows"].items():
         f, c, f32 = r["machine_fraction"], r["machine_fraction_cpu"], r["machine_fraction_fp32_matmul"]
         print(f"{name:>16} {r['images_per_s']:8.1f} {r['flops_per_step'] / 1e9:11.1f} "
-              f"{f['median']:>18.2f} [{f['min']:.2f}-{f['max']:.2f}] {c['median']:>7.2f} [{c['min']:.2f}-{c['max']:.2f}] "
-              f"{f32['median']:>15.2f}")
+              f"{f['median']:>18.2f} [{f['min']:.2f}-{f['max']:.2f}] "
+              f"{c['median']:>7.2f} [{c['min']:.2f}-{c['max']:.2f}] {f32['median']:>15.2f}")
 
 
 def run(repeats: int = 3, compiled: bool = False, preset: str = "cpu") -> dict:

@@ -60,12 +60,16 @@ class BEiT(Method):
     def ce(self, tokens: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """CE and accuracy of the head on the masked patch tokens (tokens [B, 1 + N, D], CLS first) against
         the masked positions' ids (`target`, [M] in the order of mask.nonzero())."""
-        logits = self.head(tokens[:, 1:][mask]).float()
+        logits = self.head_logits(tokens, mask).float()
         return F.cross_entropy(logits, target), token_accuracy(logits, target)
+
+    def head_logits(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The head over the masked patch tokens: logits [M, V] (tokens [B, 1 + N, D], CLS first)."""
+        return self.head(tokens[:, 1:][mask])
 
     def masked_token_logits(self, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Logits over the vocabulary at the masked positions [M, V] (as in the loss)."""
-        return self.head(self.encoder(imgs, mask, mode="token")[:, 1:][mask])
+        return self.head_logits(self.encoder(imgs, mask, mode="token"), mask)
 
     def forward(self, imgs, mask):
         target = self.tokenizer(imgs)[mask]  # ids of the masked patches, frozen and without gradients

@@ -5,6 +5,7 @@ random generators' states."""
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import tempfile
 from pathlib import Path
@@ -58,7 +59,7 @@ def load(path: str | Path, kind: str = "pretrain") -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        if type(e).__name__ == "UnpicklingError":  # not torch's advice (weights_only=False runs pickled code)
+        if isinstance(e, pickle.UnpicklingError):  # not torch's advice (weights_only=False runs pickled code)
             raise CheckpointError(f"{path} is not a mimkit checkpoint: not a torch file that loads with "
                                   f"weights_only=True") from None
         raise CheckpointError(f"{path} is not a readable mimkit checkpoint ({type(e).__name__}: "

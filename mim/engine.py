@@ -42,6 +42,11 @@ def lr_at(epoch: float, cfg: Config, base_lr: float) -> float:
     return cfg.optim.min_lr + (base_lr - cfg.optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+def last_good(ckpt_path: Path, history: list) -> str:
+    """How a non-finite-loss stop names the checkpoint a restart would resume from."""
+    return f"{ckpt_path} (epoch {history[-1]['epoch']})" if ckpt_path.exists() and history else "none yet"
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group at lr, times its lr_scale (timm's layer-wise decay groups carry one)."""
     for g in optimizer.param_groups:
@@ -212,9 +217,8 @@ def train(cfg: Config) -> dict:
             if not math.isfinite(loss_value):
                 bad_steps += 1
                 if bad_steps > cfg.optim.skip_nonfinite:
-                    good = f"{ckpt_path} (epoch {history[-1]['epoch']})" if ckpt_path.exists() and history else "none yet"
                     raise NonFiniteLossError(f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}, "
-                                             f"iteration {it}); last good checkpoint: {good}")
+                                             f"iteration {it}); last good checkpoint: {last_good(ckpt_path, history)}")
                 log(f"warning: skipped step {step} with loss {loss_value} "
                     f"({bad_steps}/{cfg.optim.skip_nonfinite} allowed by optim.skip_nonfinite)")
                 optimizer.zero_grad(set_to_none=True)

@@ -103,6 +103,7 @@ class Decoder(nn.Module):
 
 class DVAE(Tokenizer):
     kind = "dvae"
+
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  input_size: int, groups: int = 4, hidden: int = 256, blocks_per_group: int = 2,
                  pixel_map: str = "normalized", decoder: bool = True):

@@ -7,6 +7,7 @@ Centers are fitted with FAISS (a GPU index when FAISS sees a GPU) on patches sam
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import numpy as np
@@ -23,6 +24,7 @@ from .teachers import Teacher
 
 class KMeansTokenizer(Tokenizer):
     kind = "kmeans"
+
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float], dim: int,
                  norm_pix: bool = False, teacher: dict | None = None):
         super().__init__(img_size, grid, vocab_size, mean, std)
@@ -96,18 +98,27 @@ def fit_kmeans(x: np.ndarray, k: int, niter: int = 20, spherical: bool = False, 
                       max_points_per_centroid=max_points_per_centroid, gpu=bool(use_gpu))
     if init is not None:
         init = np.ascontiguousarray(init, dtype=np.float32)
-    if threads <= 0:
+    with faiss_threads(threads):
         km.train(x, init_centroids=init)
-        return km.centroids
+    return km.centroids
+
+
+@contextlib.contextmanager
+def faiss_threads(threads: int):
+    """Cap FAISS's OpenMP threads and the BLAS under its distance step (an sgemm) at `threads` inside the block;
+    0 leaves both at their defaults."""
+    if threads <= 0:
+        yield
+        return
+    import faiss
     from threadpoolctl import threadpool_limits
     default_threads = faiss.omp_get_max_threads()
     faiss.omp_set_num_threads(threads)
     try:
-        with threadpool_limits(limits=threads, user_api="blas"):  # FAISS's distance step is a BLAS sgemm
-            km.train(x, init_centroids=init)
+        with threadpool_limits(limits=threads, user_api="blas"):
+            yield
     finally:
         faiss.omp_set_num_threads(default_threads)
-    return km.centroids
 
 
 @torch.no_grad()

@@ -161,9 +161,9 @@ def load_teacher(name: str, weights: str = "", img_size: int = 0) -> Teacher:
             state = {k[len("visual."):]: v for k, v in state.items() if k.startswith("visual.")}
         try:
             teacher.model.load_state_dict(state)
-        except RuntimeError as e:
-            raise CheckpointError(f"teacher weights {weights} do not fit openclip:{rest} "
-                                  f"({str(e).splitlines()[1].strip()[:200] if len(str(e).splitlines()) > 1 else e})") from None
+        except RuntimeError as e:  # its first line only names the class; the second names the keys
+            detail = (str(e).splitlines()[1:2] or [str(e)])[0].strip()[:200]
+            raise CheckpointError(f"teacher weights {weights} do not fit openclip:{rest} ({detail})") from None
         return teacher.eval()
     teacher = Teacher({"source": "timm", "name": rest, "kwargs": {"img_size": img_size} if img_size else {}})
     _load_timm_state(teacher.model, read_state_dict(weights), weights)

@@ -20,8 +20,8 @@ from mimkit.config import ConfigError, to_dict
 from mimkit.dist import autocast
 from mimkit.data import (EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats, eval_transform,
                          make_loader, pretrain_transform)
-from mimkit.engine import (NonFiniteLossError, RunLog, backward_step, build_optimizer, effective_lr, lr_at, place_model,
-                           set_lr)
+from mimkit.engine import (NonFiniteLossError, RunLog, backward_step, build_optimizer, effective_lr, last_good, lr_at,
+                           place_model, set_lr)
 
 from .base import Tokenizer, codebook_stats
 from .config import TokenizerConfig, dvae_input_size, validate
@@ -151,9 +151,8 @@ def fit_trainable(cfg: TokenizerConfig, tok: Tokenizer, training, train_set, tes
                 outputs = training.loss(imgs, (epoch * steps + it) / (cfg.epochs * steps))
             loss = outputs["loss"]
             if not torch.isfinite(loss):
-                good = f"{ckpt_path} (epoch {history[-1]['epoch']})" if ckpt_path.exists() and history else "none yet"
                 raise NonFiniteLossError(f"non-finite tokenizer loss ({loss.item()}) at step {step} "
-                                         f"(epoch {epoch + 1}); last good checkpoint: {good}")
+                                         f"(epoch {epoch + 1}); last good checkpoint: {last_good(ckpt_path, history)}")
             if backward_step(loss, it, tok, optimizer, cfg.accum_iter, cfg.optim.clip_grad):
                 step += 1
             scalars = {k: v.item() if torch.is_tensor(v) else float(v) for k, v in outputs.items()}

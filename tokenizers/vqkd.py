@@ -93,6 +93,7 @@ def task_mlp(dim: int, out: int) -> nn.Sequential:
 
 class VQKD(Tokenizer):
     kind = "vqkd"
+
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  teacher_dim: int, embed_dim: int = 768, depth: int = 12, num_heads: int = 12, code_dim: int = 32,
                  decoder_depth: int = 1, decoder_embed_dim: int = 768, decoder_num_heads: int = 12,
