@@ -9,6 +9,8 @@ import importlib
 import inspect
 import json
 
+from mimkit.config import ConfigError
+
 from .common import results_dir, write_result
 
 ENTRIES = ["step", "peer", "machine", "hog", "kmeans", "e2e"]
@@ -77,7 +79,15 @@ def main(argv: list[str] | None = None) -> None:
             continue
         print(f"== {name}")
         wanted = inspect.signature(module.run).parameters
-        summary[name] = headlines(name, module.run(**{k: v for k, v in given.items() if k in wanted}))
+        try:
+            result = module.run(**{k: v for k, v in given.items() if k in wanted})
+        except ConfigError as e:  # a wrong --set key or --methods name: one line, as every mimkit command
+            p.exit(2, f"error: {e}\n")
+        except FileNotFoundError as e:  # its data (../shared/data) is not there: the other entries still run
+            print(f"[{name}] skipped: {e}")
+            summary[name] = [(name, "skipped", str(e))]
+            continue
+        summary[name] = headlines(name, result)
     # entries not run now keep their latest result, dated: the summary always covers every entry
     for name in ENTRIES:
         path = results_dir() / f"{name}.json"

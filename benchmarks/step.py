@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from mimkit.cli import pretrain_config
+from mimkit.config import ConfigError
 from mimkit.data import dataset_stats
 from mimkit.dist import autocast
 from mimkit.engine import build_optimizer, place_model
@@ -118,6 +119,10 @@ def frozen_tokenizer_call(tok, imgs: torch.Tensor, precision: str) -> Callable[[
 
 def run(methods: tuple[str, ...] = (), repeats: int = 3, preset: str = "cpu", extra: tuple[str, ...] = ()) -> dict:
     methods = tuple(methods) or tuple(METHODS)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"--methods {' '.join(unknown)}: unknown; choose from {', '.join(METHODS)}")
+    pretrain_config([], [*PRESETS[preset], *extra])  # a wrong --set key stops here, once, not once per method
     fns: dict[str, Callable] = {}
     skipped, tokenizer_of = {}, {}
     with tempfile.TemporaryDirectory() as tmp:

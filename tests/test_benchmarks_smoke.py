@@ -2,6 +2,8 @@
 measured by `python -m benchmarks`, never asserted in tests)."""
 import json
 
+import pytest
+
 from benchmarks.__main__ import main
 
 
@@ -21,3 +23,16 @@ def test_step_peer_machine_entry_points_write_results(tmp_path, monkeypatch):
     if "lightly" in peer["rows"]:  # the same model, counted the same way: the peer does the same work
         ours, theirs = peer["rows"]["mimkit"]["flops_per_step"], peer["rows"]["lightly"]["flops_per_step"]
         assert abs(ours - theirs) / ours < 0.05
+
+
+
+def test_bad_overrides_and_names_stop_with_one_error_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("MIMKIT_BENCH_RESULTS", str(tmp_path))
+    for args, culprit in ((["step", "--set", "precsion=bf16"], "precsion"), (["step", "--methods", "maee"], "maee"),
+                          (["nosuch"], "nosuch")):
+        with pytest.raises(SystemExit) as e:
+            main([*args, "--preset", "tiny", "--repeats", "1"])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and "Traceback" not in err, err
+        assert "error:" in err.splitlines()[-1] and culprit in err.splitlines()[-1], err
+    assert not (tmp_path / "step.json").exists()
