@@ -118,14 +118,18 @@ def test_batched_equals_per_image_and_autocast_keeps_float32():
 
 
 def test_cpu_chunks_change_nothing(monkeypatch):
-    """On CPU the maps go through in chunks of CPU_CHUNK_PIXELS: chunks of 5 maps (not a whole number of RGB
-    images) give the same histograms as one pass over the batch."""
+    """On CPU the maps go through in chunks of CPU_CHUNK_VALUES (pixels + histogram slots): chunks of 5 maps (not a
+    whole number of RGB images) give the same histograms as one pass over the batch."""
     import mimkit.hog as hog_module
     x = images().float()
     h, w = x.shape[-2:]
     whole = HOG(9, 4, "central")(x)
-    monkeypatch.setattr(hog_module, "CPU_CHUNK_PIXELS", 5 * h * w)
-    assert len(x) * 3 > 5 and torch.equal(HOG(9, 4, "central")(x), whole)
+    monkeypatch.setattr(hog_module, "CPU_CHUNK_VALUES", 5 * (h * w + 2 * 9 * (h // 4) * (w // 4)))
+    chunks, slot_histograms = [], HOG.slot_histograms
+    monkeypatch.setattr(HOG, "slot_histograms", lambda self, maps, *a: chunks.append(len(maps)) or
+                        slot_histograms(self, maps, *a))
+    assert torch.equal(HOG(9, 4, "central")(x), whole)
+    assert chunks[0] == 5 and sum(chunks) == len(x) * 3 and len(chunks) > 1
 
 
 def test_glyphs_draw_lines_along_edges():
@@ -134,3 +138,14 @@ def test_glyphs_draw_lines_along_edges():
     img = hog_glyphs(hist, 9)[0, 0]
     assert img.shape == (9, 9) and 0 <= img.min() and img.max() <= 1
     assert img[:, 4].sum() > 3 * img[4, :].sum() - 1e-6 and img[:, 4].sum() > 5
+
+
+def test_slot_indices_exact_on_huge_images():
+    """Past 2^24 histogram slots per map float32 can no longer hold every slot index (here 1-px cells on a 1096-px
+    map; a vertical gradient, 90 deg, lands in the highest slot used): the last cells must still get their own
+    gradients. A pattern in the bottom-right corner gives the same histograms as that corner cut out on its own
+    (whose border is flat, so padding changes nothing)."""
+    x = torch.zeros(1, 1, 1096, 1096)
+    x[..., -8:-4, -10:-4] = 1.0  # rows of pure d/drow at its top and bottom edges, plus corners and sides
+    whole, corner = HOG(9, 1, "central")(x), HOG(9, 1, "central")(x[..., -32:, -32:].contiguous())
+    assert corner.abs().sum() > 0 and torch.equal(whole[..., -32:, -32:], corner)
