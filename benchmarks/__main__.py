@@ -10,6 +10,7 @@ import inspect
 import json
 
 from mimkit.config import ConfigError
+from mimkit.dist import keep_freed_memory
 
 from .common import results_dir, write_result
 
@@ -39,8 +40,9 @@ def headlines(name: str, r: dict) -> list[tuple[str, str, str]]:
                  ">= 0.57" if n.startswith("mimkit") else "") for n, f in r.get("fractions_fp32_matmul", {}).items()
                 if "+bf16" in n]
     if name == "hog":
-        return [("batched HOG vs skimage", f"{r['speedup_min']:.0f}x (1 thread {r['speedup_1thread_min']:.0f}x)",
-                 ">= 50x")]
+        rounds = f"; per round {r['speedup_rounds_median_min']:.0f}x" if "speedup_rounds_median_min" in r else ""
+        return [("batched HOG vs skimage (slowest setting)",
+                 f"{r['speedup_min']:.0f}x (1 thread {r['speedup_1thread_min']:.0f}x{rounds})", ">= 50x")]
     if name == "kmeans":
         return [("fastest k-means to within 1%", str(r["fastest"]), "faiss"),
                 ("FAISS vs Lloyd / MiniBatchKMeans",
@@ -65,6 +67,7 @@ def main(argv: list[str] | None = None) -> None:
     for module in ("step", "peer", "e2e"):
         importlib.import_module(f"benchmarks.{module}").add_args(p)
     args = p.parse_args(argv)
+    keep_freed_memory()  # as every mimkit job on CPU does (dist.init); MIMKIT_KEEP_FREED_MEMORY=0 to compare
     given = {"repeats": args.repeats, "preset": args.preset, "methods": tuple(args.methods), "extra": tuple(args.extra),
              "compiled": args.compile, "skip_job": args.skip_job}
     summary = {}
