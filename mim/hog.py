@@ -107,8 +107,10 @@ class HOG(nn.Module):
         # and atan + a division cost half of atan2 on CPU (measured). 0 / 0 -> 0, as atan2(0, 0) = 0.
         # floor(atan * K / pi) + K is a slot in [0, 2K); slot mod K is the bin, folded on the small histograms
         # rather than on every pixel (a per-pixel remainder costs 20 additions). The index is cast once.
-        slot = torch.div(gy, gx).nan_to_num_(0.0).atan_().mul_(K / math.pi).floor_()
-        idx = torch.add(first_slot, slot, alpha=n_cells).long()
+        # In place in gy's buffer: fewer live buffers per chunk stay in cache (1.03-1.08x, measured).
+        slot = gy.div_(gx).nan_to_num_(0.0).atan_().mul_(K / math.pi).floor_()
+        in_place = slot if first_slot.dtype == slot.dtype else None  # not when the index needs float64
+        idx = torch.add(first_slot, slot, alpha=n_cells, out=in_place).long()
         hist = mag.new_zeros(N, 2 * K * n_cells)
         return hist.scatter_add_(1, idx.view(N, -1), mag.view(N, -1)).view(N, 2 * K, n_cells)
 
