@@ -11,7 +11,6 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="gl
 
 PROBE = textwrap.dedent("""
     import resource, torch
-    from mimkit import dist
     from mimkit.dist import init
     device = init("cpu")  # what every job does first
     def faults():
