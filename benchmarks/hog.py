@@ -70,9 +70,9 @@ def compare(cell: int, x: torch.Tensor, repeats: int, calls: int = 10) -> dict:
     ref = skimage_hog(x64, cell)
     diff32 = np.abs(central(x).double().numpy() - ref)  # float32 batched vs float64 skimage
     diff64 = np.abs(central(x.double()).numpy() - ref)
-    return {"image_px": x.shape[-1], "images": len(x), "cell_px": cell, "values": int(ref.size), "batched_s": t_batched, "batched_sobel_s": t_sobel,
-            "batched_1thread_s": t_one, "skimage_s": t_skimage, "speedup": t_skimage / t_batched,
-            "speedup_rounds": rounds, "speedup_1thread": t_skimage / t_one,
+    return {"image_px": x.shape[-1], "images": len(x), "cell_px": cell, "values": int(ref.size),
+            "batched_s": t_batched, "batched_sobel_s": t_sobel, "batched_1thread_s": t_one, "skimage_s": t_skimage,
+            "speedup": t_skimage / t_batched, "speedup_rounds": rounds, "speedup_1thread": t_skimage / t_one,
             "max_abs_diff_float32": float(diff32.max()), "frac_within_1e-4_float32": float((diff32 < 1e-4).mean()),
             "max_abs_diff_float64": float(diff64.max())}
 
@@ -81,11 +81,13 @@ def run(n: int = 256, repeats: int = 9) -> dict:
     x = load_images(n)
     rows = [compare(8, x, repeats), compare(2, x, repeats), compare(8, load_images(16, 224), repeats)]
     for r in rows:
-        print(f"hog {r['images']} CIFAR-10 images at {r['image_px']} px, {r['cell_px']}-px cells: batched {r['batched_s'] * 1000:.1f} ms "
+        print(f"hog {r['images']} CIFAR-10 images at {r['image_px']} px, {r['cell_px']}-px cells: "
+              f"batched {r['batched_s'] * 1000:.1f} ms "
               f"(sobel {r['batched_sobel_s'] * 1000:.1f} ms; 1 thread {r['batched_1thread_s'] * 1000:.1f} ms) vs "
               f"skimage {r['skimage_s'] * 1000:.0f} ms (a call per image and channel) = {r['speedup']:.0f}x "
               f"({r['speedup_1thread']:.0f}x on one thread; per round {r['speedup_rounds']['median']:.0f}x "
-              f"[{r['speedup_rounds']['min']:.0f}-{r['speedup_rounds']['max']:.0f}]); max |diff| {r['max_abs_diff_float32']:.1e} (float32), "
+              f"[{r['speedup_rounds']['min']:.0f}-{r['speedup_rounds']['max']:.0f}]); "
+              f"max |diff| {r['max_abs_diff_float32']:.1e} (float32), "
               f"{r['max_abs_diff_float64']:.1e} (float64), {100 * r['frac_within_1e-4_float32']:.3f}% within 1e-4")
     result = {"goal_speedup": 50, "speedup_min": min(r["speedup"] for r in rows),
               "speedup_rounds_median_min": min(r["speedup_rounds"]["median"] for r in rows),
