@@ -12,6 +12,7 @@ import json
 from mimkit.config import ConfigError
 from mimkit.dist import keep_freed_memory
 
+from . import common
 from .common import results_dir, write_result
 
 ENTRIES = ["step", "peer", "machine", "hog", "kmeans", "e2e"]
@@ -67,7 +68,8 @@ def main(argv: list[str] | None = None) -> None:
     for module in ("step", "peer", "e2e"):
         importlib.import_module(f"benchmarks.{module}").add_args(p)
     args = p.parse_args(argv)
-    keep_freed_memory()  # as every mimkit job on CPU does (dist.init); MIMKIT_KEEP_FREED_MEMORY=0 to compare
+    # as every mimkit job on CPU does (dist.init); MIMKIT_KEEP_FREED_MEMORY=0 to compare
+    common.FREED_MEMORY_KEPT = keep_freed_memory()
     given = {"repeats": args.repeats, "preset": args.preset, "methods": tuple(args.methods), "extra": tuple(args.extra),
              "compiled": args.compile, "skip_job": args.skip_job}
     summary = {}

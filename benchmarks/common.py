@@ -12,6 +12,7 @@ from typing import Callable
 import torch
 
 RESULTS = Path(__file__).resolve().parent / "results"
+FREED_MEMORY_KEPT = False  # what `python -m benchmarks` got from mimkit.dist.keep_freed_memory(), for the JSON
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
@@ -19,7 +20,7 @@ def machine_info() -> dict:
     return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
             platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-            "keep_freed_memory": os.environ.get("MIMKIT_KEEP_FREED_MEMORY", "1") != "0",
+            "keep_freed_memory": FREED_MEMORY_KEPT,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,
             "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
