@@ -5,7 +5,8 @@ Both sides compute the same thing: central differences, 9 unsigned bins, one-cel
 the normalized image; on 256 images at 32 px with 8-px cells (skimage's default size) and 2-px cells (mimkit's
 CIFAR-10 MaskFeat preset: patch 4, 2x2 cells), and on 16 images resized to 224 px with 8-px cells (MaskFeat's
 ImageNet setting; resized in PIL as uint8, as a training pipeline's RandomResizedCrop makes them). Sobel mode
-(MaskFeat's default) is timed too, with nothing to compare it with."""
+(MaskFeat's default) is timed too, with nothing to compare it with, and so is mimkit's tensor-op path (what a GPU
+runs, `cpu_kernel=False`) against the numba kernel the CPU runs by default."""
 from __future__ import annotations
 
 import numpy as np
@@ -58,21 +59,25 @@ def one_thread(fn):
 def compare(cell: int, x: torch.Tensor, repeats: int, calls: int = 10) -> dict:
     x64 = x.double().numpy()
     central, sobel = HOG(9, cell, "central"), HOG(9, cell, "sobel")
+    tensor_ops = HOG(9, cell, "central", cpu_kernel=False)
     batch = lambda hog: lambda: [hog(x) for _ in range(calls)]  # noqa: E731 (a few ms alone is too short to time)
     # Interleaved rounds. Two estimates: the fastest round of each contender (a call's own cost, if the machine
     # was ever quiet during the run), and the ratio within each round (both sides under the same load; its
     # median is what the other entries report). The machine's speed swings 2x over seconds, so they can differ.
     timed = side_by_side({"batched": batch(central), "sobel": batch(sobel), "one_thread": one_thread(batch(central)),
-                          "skimage": lambda: skimage_hog(x64, cell)}, repeats)
-    t_batched, t_sobel, t_one = (timed[k]["min_s"] / calls for k in ("batched", "sobel", "one_thread"))
+                          "tensor_ops": batch(tensor_ops), "skimage": lambda: skimage_hog(x64, cell)}, repeats)
+    t_batched, t_sobel, t_one, t_tensor = (timed[k]["min_s"] / calls for k in ("batched", "sobel", "one_thread",
+                                                                            "tensor_ops"))
     t_skimage = timed["skimage"]["min_s"]
     rounds = spread([sk / (b / calls) for b, sk in zip(timed["batched"]["times_s"], timed["skimage"]["times_s"])])
+    kernel_rounds = spread([t / b for b, t in zip(timed["batched"]["times_s"], timed["tensor_ops"]["times_s"])])
     ref = skimage_hog(x64, cell)
     diff32 = np.abs(central(x).double().numpy() - ref)  # float32 batched vs float64 skimage
     diff64 = np.abs(central(x.double()).numpy() - ref)
     return {"image_px": x.shape[-1], "images": len(x), "cell_px": cell, "values": int(ref.size),
             "batched_s": t_batched, "batched_sobel_s": t_sobel, "batched_1thread_s": t_one, "skimage_s": t_skimage,
-            "speedup": t_skimage / t_batched, "speedup_rounds": rounds, "speedup_1thread": t_skimage / t_one,
+            "tensor_ops_s": t_tensor, "kernel_vs_tensor_ops_rounds": kernel_rounds, "speedup": t_skimage / t_batched,
+            "speedup_rounds": rounds, "speedup_1thread": t_skimage / t_one,
             "max_abs_diff_float32": float(diff32.max()), "frac_within_1e-4_float32": float((diff32 < 1e-4).mean()),
             "max_abs_diff_float64": float(diff64.max())}
 
@@ -83,7 +88,9 @@ def run(n: int = 256, repeats: int = 9) -> dict:
     for r in rows:
         print(f"hog {r['images']} CIFAR-10 images at {r['image_px']} px, {r['cell_px']}-px cells: "
               f"batched {r['batched_s'] * 1000:.1f} ms "
-              f"(sobel {r['batched_sobel_s'] * 1000:.1f} ms; 1 thread {r['batched_1thread_s'] * 1000:.1f} ms) vs "
+              f"(sobel {r['batched_sobel_s'] * 1000:.1f} ms; 1 thread {r['batched_1thread_s'] * 1000:.1f} ms; "
+              f"tensor ops {r['tensor_ops_s'] * 1000:.1f} ms, kernel "
+              f"{r['kernel_vs_tensor_ops_rounds']['median']:.2f}x faster per round) vs "
               f"skimage {r['skimage_s'] * 1000:.0f} ms (a call per image and channel) = {r['speedup']:.0f}x "
               f"({r['speedup_1thread']:.0f}x on one thread; per round {r['speedup_rounds']['median']:.0f}x "
               f"[{r['speedup_rounds']['min']:.0f}-{r['speedup_rounds']['max']:.0f}]); "

@@ -4,7 +4,8 @@ Per RGB channel of the normalized image: gradients by Sobel (MaskFeat default) o
 on reflect-padded maps; magnitude sqrt(gx^2 + gy^2); unsigned orientation atan2(gy, gx) mod 180 deg in `nbins`
 equal bins; each pixel adds its magnitude to its bin (hard assignment); histograms are summed over
 cell x cell pixels and each cell's histogram is L2-normalized on its own (no block normalization). All of it
-is tensor ops over the whole batch (no per-image loop), on whatever device the images are.
+is batched (no per-image loop) on whatever device the images are: tensor ops on a GPU, one fused numba kernel
+per map on the CPU (`mimkit.hog_cpu`, 2x faster there; `cpu_kernel=False` runs the tensor ops on the CPU too).
 
 Conventions, compared with the references:
 - Bins are [k, k+1) * 180/nbins deg of atan2(d/drow, d/dcol), as in scikit-image. With central differences
@@ -42,11 +43,13 @@ class HOG(nn.Module):
     `window` > 0 weights the gradient magnitudes by a Gaussian of that size (std window / 2) tiled over the
     image, as MaskFeat's optional window over each patch (mmpretrain uses 16 at patch 16)."""
 
-    def __init__(self, nbins: int = 9, cell: int = 8, gradient: str = "sobel", window: int = 0, eps: float = 1e-12):
+    def __init__(self, nbins: int = 9, cell: int = 8, gradient: str = "sobel", window: int = 0, eps: float = 1e-12,
+                 cpu_kernel: bool = True):
         super().__init__()
         if gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {', '.join(GRADIENTS)}, got {gradient!r}")
         self.nbins, self.cell, self.gradient, self.window, self.eps = nbins, cell, gradient, window, eps
+        self.cpu_kernel = cpu_kernel
         if window:  # not persistent: checkpoints hold only learned weights
             self.register_buffer("gkern", gaussian_window(window, window // 2), persistent=False)
 
@@ -74,6 +77,11 @@ class HOG(nn.Module):
         if H % c or W % c:
             raise ValueError(f"image size {H}x{W} is not divisible by the HOG cell size {c}")
         maps = imgs.reshape(B * C, H, W)
+        if maps.device.type == "cpu" and self.cpu_kernel:
+            from . import hog_cpu  # numba compiles (or loads from its cache) on first use only
+            weight = self.gkern.repeat(H // self.window, W // self.window) if self.window else None
+            hist = hog_cpu.histograms(maps, K, c, self.gradient == "sobel", weight)
+            return hist.view(B, C, K, H // c, W // c)
         # Slots are bin-major: slot s of cell i is s * cells + i, so the histograms come out as [.., nbins, cells]
         # with no transpose, and both the fold and the normalization in forward() reduce over whole contiguous
         # planes (about 2x faster than F.normalize over the 9 bins of each cell). Each pixel's offset is computed
