@@ -76,6 +76,8 @@ class HOG(nn.Module):
         c, K = self.cell, self.nbins
         if H % c or W % c:
             raise ValueError(f"image size {H}x{W} is not divisible by the HOG cell size {c}")
+        if min(H, W) < 2:  # reflect padding needs a neighbour; the CPU kernel does not check its indices
+            raise ValueError(f"image size {H}x{W} is too small for HOG gradients (at least 2x2)")
         maps = imgs.reshape(B * C, H, W)
         if maps.device.type == "cpu" and self.cpu_kernel:
             from . import hog_cpu  # numba compiles (or loads from its cache) on first use only

@@ -5,8 +5,8 @@ checks both against scikit-image and a numpy reference.
 
 The bin comes from comparisons, not from an arctangent: after folding the gradient into the upper half-plane
 (angle in [0, pi)), the angle is past the k-th bin edge phi_k = k * pi / nbins exactly when the cross product
-gy cos(phi_k) - gx sin(phi_k) is >= 0, and the bin is the number of edges passed. These compile to vector
-instructions; a scalar arctangent per pixel took 4x longer."""
+gy cos(phi_k) - gx sin(phi_k) is >= 0, and the bin is the number of edges passed. With the edges in the outer
+loop these compile to vector instructions (inside the pixel loop they did not, and the kernel took 3x longer)."""
 from __future__ import annotations
 
 import math

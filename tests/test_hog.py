@@ -159,6 +159,13 @@ def test_slot_indices_exact_on_huge_images(make_hog):
     assert corner.abs().sum() > 0 and torch.equal(whole[..., -32:, -32:], corner)
 
 
+def test_too_small_or_indivisible_images_are_refused(make_hog):
+    with pytest.raises(ValueError, match="not divisible"):
+        make_hog(9, 8)(torch.zeros(1, 3, 12, 16))
+    with pytest.raises(ValueError, match="too small"):
+        make_hog(9, 1, "sobel")(torch.zeros(1, 3, 1, 8))
+
+
 def test_cpu_kernel_matches_tensor_ops():
     """The two implementations on photo-like float32 images (smooth, upsampled, with a window): they may bin a
     pixel differently only where its angle is within rounding of a bin edge; in float64, equal to 1e-12."""
