@@ -83,6 +83,7 @@ def _serial(maps, weight, cos_edge, sin_edge, cell, sobel, out):
     return _inlined(maps, weight, cos_edge, sin_edge, cell, sobel, out)
 
 
+@torch.compiler.disable  # numba's dispatcher cannot be traced: a compiled model (compile=true) calls it eagerly
 def histograms(maps: torch.Tensor, nbins: int, cell: int, sobel: bool,
                weight: torch.Tensor | None = None) -> torch.Tensor:
     """maps [N, H, W] (float32 or float64, CPU) -> magnitude-weighted orientation histograms [N, nbins, cells].

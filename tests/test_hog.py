@@ -203,3 +203,11 @@ def test_cpu_kernel_serial_and_in_forked_children():
         assert child.exitcode == 0
     finally:
         child.kill()
+
+
+def test_cpu_kernel_under_torch_compile():
+    """A compiled model (`compile=true`) with the HOG target inside: dynamo cannot trace numba's dispatcher, so the
+    kernel runs outside the graph, with the same result (to rounding)."""
+    hog, x = HOG(9, 4, "sobel"), images().float()
+    compiled = torch.compile(lambda imgs: hog(imgs) * 2)
+    assert torch.allclose(compiled(x), hog(x) * 2, atol=1e-6)  # inductor fuses the normalization: rounding
