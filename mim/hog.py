@@ -74,6 +74,8 @@ class HOG(nn.Module):
         normalization."""
         B, C, H, W = imgs.shape
         c, K = self.cell, self.nbins
+        if not imgs.is_floating_point():  # integer differences would wrap around
+            raise TypeError(f"HOG takes float images (normalized, as the model sees them), got {imgs.dtype}")
         if H % c or W % c:
             raise ValueError(f"image size {H}x{W} is not divisible by the HOG cell size {c}")
         if min(H, W) < 2:  # reflect padding needs a neighbour; the CPU kernel does not check its indices

@@ -159,11 +159,13 @@ def test_slot_indices_exact_on_huge_images(make_hog):
     assert corner.abs().sum() > 0 and torch.equal(whole[..., -32:, -32:], corner)
 
 
-def test_too_small_or_indivisible_images_are_refused(make_hog):
+def test_integer_too_small_or_indivisible_images_are_refused(make_hog):
     with pytest.raises(ValueError, match="not divisible"):
         make_hog(9, 8)(torch.zeros(1, 3, 12, 16))
     with pytest.raises(ValueError, match="too small"):
         make_hog(9, 1, "sobel")(torch.zeros(1, 3, 1, 8))
+    with pytest.raises(TypeError, match="float images"):
+        make_hog(9, 8)(torch.zeros(1, 3, 16, 16, dtype=torch.uint8))
 
 
 def test_cpu_kernel_matches_tensor_ops():
