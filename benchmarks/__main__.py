@@ -60,10 +60,17 @@ def headlines(name: str, r: dict) -> list[tuple[str, str, str]]:
     return []
 
 
+def rounds(text: str) -> int:
+    """--repeats: a whole number of timing rounds, at least one (each ratio is a median over them)."""
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("names", nargs="*", default=ENTRIES, help=f"any of {', '.join(ENTRIES)}")
-    p.add_argument("--repeats", type=int, default=3, help="interleaved timing rounds")
+    p.add_argument("--repeats", type=rounds, default=3, help="interleaved timing rounds")
     p.add_argument("--preset", choices=["cpu", "tiny"], default="cpu", help="step/peer/machine: tiny = smoke test")
     for module in ("step", "peer", "e2e"):
         importlib.import_module(f"benchmarks.{module}").add_args(p)

@@ -29,9 +29,9 @@ def test_step_peer_machine_entry_points_write_results(tmp_path, monkeypatch):
 def test_bad_overrides_and_names_stop_with_one_error_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MIMKIT_BENCH_RESULTS", str(tmp_path))
     for args, culprit in ((["step", "--set", "precsion=bf16"], "precsion"), (["step", "--methods", "maee"], "maee"),
-                          (["nosuch"], "nosuch")):
+                          (["nosuch"], "nosuch"), (["step", "--repeats", "0"], "--repeats")):
         with pytest.raises(SystemExit) as e:
-            main([*args, "--preset", "tiny", "--repeats", "1"])
+            main(["--preset", "tiny", "--repeats", "1", *args])
         err = capsys.readouterr().err
         assert e.value.code == 2 and "Traceback" not in err, err
         assert "error:" in err.splitlines()[-1] and culprit in err.splitlines()[-1], err
