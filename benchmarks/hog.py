@@ -16,7 +16,7 @@ from PIL import Image
 from mimkit.data import CIFAR10_STATS
 from mimkit.hog import HOG
 
-from .common import SHARED_DATA, side_by_side, spread, write_result
+from .common import SHARED_DATA, side_by_side, speedup, spread, write_result
 
 CIFAR10 = SHARED_DATA / "cifar10"
 
@@ -70,7 +70,7 @@ def compare(cell: int, x: torch.Tensor, repeats: int, calls: int = 10) -> dict:
                                                                             "tensor_ops"))
     t_skimage = timed["skimage"]["min_s"]
     rounds = spread([sk / (b / calls) for b, sk in zip(timed["batched"]["times_s"], timed["skimage"]["times_s"])])
-    kernel_rounds = spread([t / b for b, t in zip(timed["batched"]["times_s"], timed["tensor_ops"]["times_s"])])
+    kernel_rounds = speedup(timed, "batched", "tensor_ops")
     ref = skimage_hog(x64, cell)
     diff32 = np.abs(central(x).double().numpy() - ref)  # float32 batched vs float64 skimage
     diff64 = np.abs(central(x.double()).numpy() - ref)

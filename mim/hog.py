@@ -81,9 +81,10 @@ class HOG(nn.Module):
         if min(H, W) < 2:  # reflect padding needs a neighbour; the CPU kernel does not check its indices
             raise ValueError(f"image size {H}x{W} is too small for HOG gradients (at least 2x2)")
         maps = imgs.reshape(B * C, H, W)
+        # the Gaussian window tiled over the map, once per call (not per chunk)
+        weight = self.gkern.to(maps.dtype).repeat(H // self.window, W // self.window) if self.window else None
         if maps.device.type == "cpu" and self.cpu_kernel:
             from . import hog_cpu  # numba compiles (or loads from its cache) on first use only
-            weight = self.gkern.repeat(H // self.window, W // self.window) if self.window else None
             hist = hog_cpu.histograms(maps, K, c, self.gradient == "sobel", weight)
             return hist.view(B, C, K, H // c, W // c)
         # Slots are bin-major: slot s of cell i is s * cells + i, so the histograms come out as [.., nbins, cells]
@@ -102,19 +103,20 @@ class HOG(nn.Module):
         per_chunk = max(1, CPU_CHUNK_VALUES // per_map) if maps.device.type == "cpu" else len(maps)
         hist = maps.new_empty(B * C, K, n_cells)
         for chunk, out in zip(maps.split(per_chunk), hist.split(per_chunk)):
-            slots = self.slot_histograms(chunk, first_slot, n_cells)
+            slots = self.slot_histograms(chunk, first_slot, n_cells, weight)
             torch.add(slots[:, :K], slots[:, K:], out=out)  # slot mod nbins (the unsigned fold), while in cache
         return hist.view(B, C, K, H // c, W // c)
 
-    def slot_histograms(self, maps: torch.Tensor, first_slot: torch.Tensor, n_cells: int) -> torch.Tensor:
+    def slot_histograms(self, maps: torch.Tensor, first_slot: torch.Tensor, n_cells: int,
+                        weight: torch.Tensor | None = None) -> torch.Tensor:
         """maps [N, H, W] -> per-cell histograms over 2 * nbins slots [N, 2 * nbins, cells], cells in row-major
-        order; first_slot [H, W] is nbins * cells + (the pixel's cell)."""
+        order; first_slot [H, W] is nbins * cells + (the pixel's cell); weight [H, W] scales the magnitudes."""
         N, H, W = maps.shape
         K = self.nbins
         gx, gy = self.gradients(maps)
         mag = (gx * gx).addcmul_(gy, gy).sqrt_()  # on CPU faster than hypot; gradients are O(1), no overflow
-        if self.window:
-            mag.mul_(self.gkern.to(mag.dtype).repeat(H // self.window, W // self.window))
+        if weight is not None:
+            mag.mul_(weight)
         # The unsigned angle is atan(gy / gx) mod pi: atan2 differs from atan only by +-pi, which the fold removes,
         # and atan + a division cost half of atan2 on CPU (measured). 0 / 0 -> 0, as atan2(0, 0) = 0.
         # floor(atan * K / pi) + K is a slot in [0, 2K); slot mod K is the bin, folded on the small histograms

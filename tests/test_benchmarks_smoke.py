@@ -25,7 +25,6 @@ def test_step_peer_machine_entry_points_write_results(tmp_path, monkeypatch):
         assert abs(ours - theirs) / ours < 0.05
 
 
-
 def test_bad_overrides_and_names_stop_with_one_error_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("MIMKIT_BENCH_RESULTS", str(tmp_path))
     for args, culprit in ((["step", "--set", "precsion=bf16"], "precsion"), (["step", "--methods", "maee"], "maee"),
