@@ -30,9 +30,8 @@ def cifar_patches(n: int) -> np.ndarray | None:
     if not (root / "train").is_dir():
         return None
     import torch
-    from mimkit.config import DataConfig
-    from mimkit.data import build_dataset, eval_transform
-    from mimkit.targets import patchify
+    from mimkit.data import DataConfig, build_dataset, eval_transform
+    from mimkit.images import patchify
     cfg = DataConfig(name="cifar10", root=str(root), img_size=32)
     ds, tf = build_dataset(cfg, "train"), eval_transform(cfg)
     n_img = -(-n // 64)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimkit.dist import autocast
-from mimkit.engine import build_optimizer
+from mimkit.loop import build_optimizer
 
 from .common import count_flops, matmul_fn, side_by_side, speedup, spread, write_result
 from .step import PRESETS, build_step, device, method_config
@@ -37,18 +37,18 @@ class LightlyMAE(nn.Module):
         super().__init__()
         from lightly.models.modules import MaskedVisionTransformerDecoderTIMM, MaskedVisionTransformerTIMM
         from timm.models.vision_transformer import VisionTransformer
-        m, dims = cfg.model, cfg.model.resolved()
+        m, d, dims = cfg.model, cfg.decoder, cfg.model.resolved()
         vit = VisionTransformer(img_size=cfg.data.img_size, patch_size=m.patch_size, num_classes=0,
                                 embed_dim=dims["embed_dim"], depth=dims["depth"], num_heads=dims["num_heads"],
                                 mlp_ratio=m.mlp_ratio, qkv_bias=True, norm_layer=partial(nn.LayerNorm, eps=1e-6))
         self.mask_ratio, self.patch_size = cfg.mask.ratio, m.patch_size
         self.backbone = MaskedVisionTransformerTIMM(vit=vit)
         self.sequence_length = self.backbone.sequence_length
-        self.decoder_embed = nn.Linear(dims["embed_dim"], m.decoder_embed_dim)
+        self.decoder_embed = nn.Linear(dims["embed_dim"], d.embed_dim)
         self.decoder = MaskedVisionTransformerDecoderTIMM(
-            num_patches=vit.patch_embed.num_patches, embed_dim=m.decoder_embed_dim, depth=m.decoder_depth,
-            num_heads=m.decoder_num_heads, num_prefix_tokens=vit.num_prefix_tokens, mlp_ratio=m.mlp_ratio)
-        self.prediction_head = nn.Linear(m.decoder_embed_dim, m.patch_size ** 2 * 3)
+            num_patches=vit.patch_embed.num_patches, embed_dim=d.embed_dim, depth=d.depth,
+            num_heads=d.num_heads, num_prefix_tokens=vit.num_prefix_tokens, mlp_ratio=m.mlp_ratio)
+        self.prediction_head = nn.Linear(d.embed_dim, m.patch_size ** 2 * 3)
 
     def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
         from lightly.models import utils

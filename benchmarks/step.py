@@ -14,20 +14,19 @@ from typing import Callable
 
 import torch
 
-from mimkit.cli import pretrain_config
 from mimkit.config import ConfigError
 from mimkit.data import dataset_stats
 from mimkit.dist import autocast
-from mimkit.engine import build_optimizer, place_model
+from mimkit.loop import build_optimizer, place_model
 from mimkit.masking import build_mask_generator
-from mimkit.methods import METHODS, build_method
+from mimkit.methods import METHODS, build_method, pretrain_config
 
 from .common import side_by_side, speedup, spread, write_result
 
 REPO = Path(__file__).resolve().parent.parent
 PRESETS = {
     "cpu": ["data.name=cifar10", "data.root=unused", "model.arch=vit_tiny", "model.patch_size=4", "data.img_size=32",
-            "model.decoder_depth=4", "model.decoder_embed_dim=128", "model.decoder_num_heads=4", "batch_size=256"],
+            "decoder.depth=4", "decoder.embed_dim=128", "decoder.num_heads=4", "batch_size=256"],
     "tiny": ["data.name=synthetic", "batch_size=8"],  # smoke tests: seconds, not a measurement
 }
 TOKENIZER_KIND = {"beit": "dvae", "beitv2": "vqkd", "clustermim": "kmeans"}
@@ -79,9 +78,9 @@ def small_tokenizer(kind: str, cfg, out_dir: Path) -> str:
 def method_config(method: str, preset: str = "cpu", extra: tuple[str, ...] = (), tmp: Path | None = None):
     """The pretraining config of `method` on a preset; discrete methods get a fresh small tokenizer in tmp."""
     cfg = pretrain_config([], [f"method={method}", *PRESETS[preset], *extra])
-    if method in TOKENIZER_KIND and not cfg.target.tokenizer:
+    if method in TOKENIZER_KIND and not cfg.target.tokens.tokenizer:
         path = small_tokenizer(TOKENIZER_KIND[method], cfg, tmp or Path(tempfile.mkdtemp()))
-        cfg = pretrain_config([], [f"method={method}", *PRESETS[preset], *extra, f"target.tokenizer={path}"])
+        cfg = pretrain_config([], [f"method={method}", *PRESETS[preset], *extra, f"target.tokens.tokenizer={path}"])
     return cfg
 
 
@@ -134,8 +133,8 @@ def run(methods: tuple[str, ...] = (), repeats: int = 3, preset: str = "cpu", ex
                 skipped[m] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
                 print(f"step {m:>10}: skipped ({skipped[m]})")
                 continue
-            if getattr(model, "tokenizer", None) is not None:
-                fns[f"{m}:tokenizer"] = tokenizer_of[m] = frozen_tokenizer_call(model.tokenizer, imgs, cfg.precision)
+            if model.target.ids:
+                fns[f"{m}:tokenizer"] = tokenizer_of[m] = frozen_tokenizer_call(model.target, imgs, cfg.precision)
         timed = side_by_side(fns, repeats=repeats)
     batch = int(next(o.split("=")[1] for o in reversed([*PRESETS[preset], *extra]) if o.startswith("batch_size=")))
     rows = []

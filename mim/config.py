@@ -1,12 +1,17 @@
-"""Run configuration: dataclass defaults < method recipe < YAML file(s) < dotted CLI overrides.
+"""The config machinery every command shares: nested dataclasses set by dotted keys, built in layers
+(dataclass defaults < presets chosen by a key, e.g. the method's recipe and the dataset's preset < YAML file(s)
+< dotted command-line overrides), and the sections more than one command uses (optim, ckpt).
 
-Every mistake (unknown key, wrong type, value out of range) raises ConfigError with one line that
-names the key and, where it helps, the valid choices; the CLI turns it into `error: ...` and exit 2.
+Each part owns its section's dataclass (data: mimkit.data, model: mimkit.vit, mask: mimkit.masking, a target
+kind: its module in mimkit.targets, ...); a command's config class is assembled from them with `make_config`.
+Every mistake (unknown key, wrong type, value out of range) raises ConfigError with one line that names the
+key and, where it helps, the valid choices; the CLI turns it into `error: ...` and exit 2.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,73 +35,9 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass
-class DataConfig:
-    name: str = choices("digits", "cifar10", "imagefolder", "synthetic", default="digits")
-    root: str = ""  # folder with train/ and val/ or test/ (cifar10, imagefolder)
-    limit: int = 0  # use only N training images, evenly spread over the split (0 = all)
-    img_size: int = 224
-    crop_scale: tuple[float, float] = (0.2, 1.0)  # RandomResizedCrop scale for pretraining
-    hflip: bool = True
-    num_workers: int = -1  # -1: 0 for in-memory data, else min(8, cpus)
-    skip_corrupt: bool = False  # replace unreadable images with another sample (counted) instead of failing
-    synthetic_size: int = 512  # number of images of the synthetic dataset
-
-
-ARCHS: dict[str, dict[str, int]] = {
-    "vit_mini": dict(embed_dim=128, depth=6, num_heads=4),  # CPU preset for the embedded digits
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
-}
-
-
-@dataclass
-class ModelConfig:
-    arch: str = choices(*ARCHS, default="vit_base")
-    patch_size: int = 16
-    # 0 = take the value from `arch`
-    depth: int = 0
-    embed_dim: int = 0
-    num_heads: int = 0
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    layer_scale: float = 0.0  # LayerScale init value (BEiT: 0.1); 0 = off
-    decoder_depth: int = 8
-    decoder_embed_dim: int = 512
-    decoder_num_heads: int = 16
-    aux_layer: int = 0  # BEiT v2: block (1-based) whose patch tokens feed the auxiliary head; 0 = depth // 2
-    aux_depth: int = 2  # BEiT v2: blocks of the auxiliary head
-
-    def resolved(self) -> dict[str, int]:
-        """embed_dim/depth/num_heads after applying the arch preset to the zero fields."""
-        base = ARCHS[self.arch]
-        return {k: (getattr(self, k) or base[k]) for k in base}
-
-
-@dataclass
-class MaskConfig:
-    kind: str = choices("random", "grid", "block", default="random")
-    ratio: float = 0.75
-    patch_px: int = 32  # SimMIM: side of a mask unit in pixels (grid masks)
-    min_block: int = 16  # BEiT: smallest block in patches at 14x14; scaled with the grid
-    min_aspect: float = 0.3  # BEiT: block aspect ratio in [min_aspect, 1/min_aspect]
-    exact: bool = True  # block masks: fill or trim to exactly ratio * N patches
-
-
-@dataclass
-class TargetConfig:
-    norm_pix: bool = False  # MAE: standardize each target patch by its own mean/var
-    hog_bins: int = 9
-    hog_cells_per_patch: int = 2  # MaskFeat: 2x2 cells per patch (8-px cells at patch 16)
-    hog_gradient: str = choices("sobel", "central", default="sobel")
-    hog_gaussian: bool = False  # Gaussian window over each patch's gradient magnitudes
-    tokenizer: str = ""  # path of a tokenizer file (beit, beitv2, clustermim)
-    vocab_size: int = 0  # beit, beitv2, clustermim: head size; 0 = the tokenizer's (checked when set)
-
-
-@dataclass
 class OptimConfig:
+    """AdamW with warmup + cosine (pretraining, tokenizer training). The defaults are MAE's (the default method);
+    other recipes set what differs."""
     blr: float = 1.5e-4  # base lr; lr = blr * effective batch / lr_batch_ref
     lr_batch_ref: int = 256  # SimMIM scales per 512 images
     weight_decay: float = 0.05
@@ -112,40 +53,50 @@ class CkptConfig:
     every: int = 10  # save checkpoints/last.pt every N epochs (and at the end)
 
 
-@dataclass
-class ProbeConfig:
-    enabled: bool = True  # after pretraining: k-NN of the pretrained vs a random-init encoder
-    knn_k: int = 20
-    knn_t: float = 0.07
-    limit: int = 0  # use only N images of each split for the probe, evenly spread (0 = all)
+def make_config(name: str, base: type, sections: dict[str, type], kinds: tuple[str, ...] = ()) -> type:
+    """A dataclass `name` with the fields of `base` plus one section per entry of `sections` (section name ->
+    its dataclass) and, with `kinds`, a `kind` key choosing among them: how a command's config takes in the
+    sections of registered parts (targets, methods, tokenizer kinds) without this module knowing them. The same
+    arguments give the same class (configs compare equal only within one class)."""
+    return _config_class(name, base, tuple(sections.items()), tuple(kinds))
 
 
-@dataclass
-class Config:
-    method: str = "mae"
-    output_dir: str = ""  # default: runs/<method>_<data.name>
-    seed: int = 0
-    device: str = choices(*DEVICES, default="auto")
-    epochs: int = 800
-    batch_size: int = 64  # per process; effective batch = batch_size * accum_iter * world size
-    accum_iter: int = 1
-    resume: str = "auto"  # auto | none | path to a checkpoint
-    overwrite: bool = False  # start afresh in an existing output_dir
-    deterministic: bool = False
-    compile: bool = False
-    precision: str = choices(*PRECISIONS, default="auto")
-    vis_every: int = 10  # epochs between TensorBoard image panels
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    target: TargetConfig = field(default_factory=TargetConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    ckpt: CkptConfig = field(default_factory=CkptConfig)
-    probe: ProbeConfig = field(default_factory=ProbeConfig)
+@functools.lru_cache(maxsize=None)
+def _config_class(name: str, base: type, sections: tuple[tuple[str, type], ...], kinds: tuple[str, ...]) -> type:
+    clash = {key for key, _ in sections} & (set(_fields(base)) if dataclasses.is_dataclass(base) else set())
+    if clash:
+        raise ValueError(f"config sections {sorted(clash)} clash with fields of {base.__name__}")
+    fields = [("kind", str, choices(*kinds, default=""))] if kinds else []
+    fields += [(key, cls, field(default_factory=cls)) for key, cls in sections]
+    return dataclasses.make_dataclass(name, fields, bases=(base,))
+
+
+def known_fields(cls: type, values: dict) -> Any:
+    """An instance of `cls` from the entries of `values` that are its fields (a section stored by another
+    mimkit version may hold keys this one does not know)."""
+    names = _fields(cls)
+    return from_dict(cls, {k: v for k, v in values.items() if k in names}, renamed=False)
 
 
 # ---------------------------------------------------------------------------------------------
 # Setting values by dotted key with type checks
+
+
+# Keys renamed when targets became parts of their own: an old key names its new one in the error.
+RENAMED = {
+    "target.norm_pix": "target.pixels.norm_pix", "target.hog_bins": "target.hog.bins",
+    "target.hog_cells_per_patch": "target.hog.cells_per_patch", "target.hog_gradient": "target.hog.gradient",
+    "target.hog_gaussian": "target.hog.gaussian", "target.tokenizer": "target.tokens.tokenizer",
+    "target.vocab_size": "target.tokens.vocab_size", "model.decoder_depth": "decoder.depth",
+    "model.decoder_embed_dim": "decoder.embed_dim", "model.decoder_num_heads": "decoder.num_heads",
+    "model.aux_layer": "beitv2.aux_layer", "model.aux_depth": "beitv2.aux_depth", "probe.limit": "data.test_limit",
+    "test_limit": "data.test_limit", "eval_limit": "data.test_limit", "ckpt_every": "ckpt.every",
+}
+
+
+def migrate(flat: dict[str, Any]) -> dict[str, Any]:
+    """A stored config's flat keys under their current names (configs saved before a rename stay readable)."""
+    return {RENAMED.get(k, k): v for k, v in flat.items()}
 
 
 def _fields(obj: Any) -> dict[str, dataclasses.Field]:
@@ -153,7 +104,7 @@ def _fields(obj: Any) -> dict[str, dataclasses.Field]:
 
 
 def _unknown(key: str, valid: list[str], section: str, where: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
+    close = [RENAMED[key]] if key in RENAMED else difflib.get_close_matches(key, valid, n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(close)}?)" if close else ""
     source = f" in {where}" if where not in ("config", "command line") else ""
     return ConfigError(f"unknown config key '{key}'{source}{hint}; valid keys in {section}: {', '.join(valid)}")
@@ -210,19 +161,20 @@ def set_key(cfg: Any, key: str, value: Any, where: str = "config") -> None:
             raise _unknown(key, [f"{prefix}.{n}" if prefix else n for n in fields], f"'{prefix}'" if prefix else "the config",
                            where)
         f = fields[part]
-        tp = typing.get_type_hints(type(obj))[part]
-        if dataclasses.is_dataclass(tp):
+        section = getattr(obj, part)
+        if dataclasses.is_dataclass(section):  # the instance's class: sections may be assembled at run time
             if i == len(parts) - 1:
                 if not isinstance(value, dict):
-                    raise ConfigError(f"'{key}' is a section; set its keys, e.g. {key}.{next(iter(_fields(tp)))}=...")
+                    first = next(iter(_fields(section)), "key")
+                    raise ConfigError(f"'{key}' is a section; set its keys, e.g. {key}.{first}=...")
                 for k, v in value.items():
                     set_key(cfg, f"{key}.{k}", v, where)
                 return
-            obj = getattr(obj, part)
+            obj = section
             continue
         if i != len(parts) - 1:
             raise ConfigError(f"'{'.'.join(parts[:i + 1])}' is a value, not a section; cannot set '{key}'")
-        setattr(obj, part, _coerce(key, value, tp, f.metadata))
+        setattr(obj, part, _coerce(key, value, typing.get_type_hints(type(obj))[part], f.metadata))
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -280,8 +232,8 @@ def build_config(cls: type, files: list[str] = (), overrides: list[str] = (),
     cfg = cls()
     for key, table in presets:
         probe = cls()
-        set_key(probe, key, _pick(key, layers, _get(cfg, key)))  # type/choice check of the chooser key
-        value = _get(probe, key)
+        set_key(probe, key, _pick(key, layers, get_key(cfg, key)))  # type/choice check of the chooser key
+        value = get_key(probe, key)
         if value not in table:
             if key == "method":
                 close = difflib.get_close_matches(str(value), list(table), n=1)
@@ -296,7 +248,7 @@ def build_config(cls: type, files: list[str] = (), overrides: list[str] = (),
     return cfg
 
 
-def _get(cfg: Any, key: str) -> Any:
+def get_key(cfg: Any, key: str) -> Any:
     for part in key.split("."):
         cfg = getattr(cfg, part)
     return cfg
@@ -306,9 +258,12 @@ def to_dict(cfg: Any) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def from_dict(cls: type, d: dict) -> Any:
+def from_dict(cls: type, d: dict, renamed: bool = True) -> Any:
+    """A config from a stored dict (config.yaml, a checkpoint's config), old key names included (`renamed`:
+    `d` holds a whole command's config, whose keys RENAMED may list)."""
     cfg = cls()
-    for k, v in flatten(d).items():
+    flat = flatten(d)
+    for k, v in (migrate(flat) if renamed else flat).items():
         set_key(cfg, k, v, "saved config")
     return cfg
 
@@ -340,44 +295,3 @@ def check_range(key: str, value: float, lo: float | None = None, hi: float | Non
         lo_s = "" if lo is None else f"{lo} {'<' if lo_open else '<='} "
         hi_s = "" if hi is None else f" {'<' if hi_open else '<='} {hi}"
         raise ConfigError(f"{key}={value} is out of range; need {lo_s}{key.split('.')[-1]}{hi_s}")
-
-
-def validate_data(data: DataConfig) -> None:
-    """The checks of the `data` section every command shares (pretrain, tokenizer, probe, analyze)."""
-    check_range("data.limit", data.limit, 0)
-    check_range("data.img_size", data.img_size, 1)
-    lo, hi = data.crop_scale
-    if not 0 < lo <= hi <= 1:
-        raise ConfigError(f"data.crop_scale={list(data.crop_scale)} must satisfy 0 < min <= max <= 1")
-    if data.name in ("cifar10", "imagefolder") and not data.root:
-        raise ConfigError(f"data.root is required for data.name={data.name}, e.g. data.root=../shared/data/cifar10")
-
-
-def validate(cfg: Config) -> None:
-    """Cross-field and range checks for a pretraining config."""
-    check_range("epochs", cfg.epochs, 1)
-    check_range("batch_size", cfg.batch_size, 1)
-    check_range("accum_iter", cfg.accum_iter, 1)
-    check_range("mask.ratio", cfg.mask.ratio, 0, 1, lo_open=True, hi_open=True)
-    check_range("optim.blr", cfg.optim.blr, 0, lo_open=True)
-    check_range("optim.weight_decay", cfg.optim.weight_decay, 0)
-    check_range("optim.warmup_epochs", cfg.optim.warmup_epochs, 0)
-    check_range("optim.min_lr", cfg.optim.min_lr, 0)
-    check_range("optim.clip_grad", cfg.optim.clip_grad, 0)
-    for i, b in enumerate(cfg.optim.betas):
-        check_range(f"optim.betas[{i}]", b, 0, 1, hi_open=True)
-    validate_data(cfg.data)
-    check_range("model.patch_size", cfg.model.patch_size, 1)
-    check_range("model.drop_path", cfg.model.drop_path, 0, 1, hi_open=True)
-    check_range("ckpt.every", cfg.ckpt.every, 1)
-    if cfg.data.img_size % cfg.model.patch_size:
-        raise ConfigError(f"data.img_size={cfg.data.img_size} is not divisible by model.patch_size="
-                          f"{cfg.model.patch_size}; pick sizes with img_size % patch_size == 0")
-    dims = cfg.model.resolved()
-    if dims["embed_dim"] % dims["num_heads"]:
-        raise ConfigError(f"model.embed_dim={dims['embed_dim']} is not divisible by model.num_heads={dims['num_heads']}")
-    if cfg.model.decoder_embed_dim % cfg.model.decoder_num_heads:
-        raise ConfigError(f"model.decoder_embed_dim={cfg.model.decoder_embed_dim} is not divisible by "
-                          f"model.decoder_num_heads={cfg.model.decoder_num_heads}")
-    if cfg.resume not in ("auto", "none") and not Path(cfg.resume).is_file():
-        raise ConfigError(f"resume={cfg.resume!r}: no such checkpoint file (use auto, none or a path to a .pt file)")

@@ -1,128 +1,50 @@
-"""The pretraining loop shared by every method: AdamW, warmup + half-cycle cosine lr per step, gradient
-accumulation, clipping, bf16 autocast (`precision`), atomic checkpoints with exact resume, TensorBoard, and a
-k-NN probe of the result."""
+"""Pretraining, for every method: setup (data, model, optimizer, resume, DDP, logging), one epoch at a time
+through the shared loop (mimkit.loop), the epoch's log, panels and atomic checkpoint, then the final panel and
+metrics.json. Exact resume: checkpoints hold the model, optimizer, step, history and every rank's generators."""
 from __future__ import annotations
 
-import contextlib
-import json
-import math
-import sys
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-from timm.optim import param_groups_weight_decay
 from torch.nn.parallel import DistributedDataParallel
-from tqdm import tqdm
 
 from . import checkpoint, dist, rundir
-from .config import Config, ConfigError, to_dict, validate
-from .data import (EpochSampler, MaskedImages, Transformed, build_dataset, eval_transform, make_loader,
-                   pretrain_transform)
+from .config import ConfigError, to_dict
+from .data import EpochSampler, MaskedImages, Transformed, build_dataset, eval_transform, make_loader, pretrain_transform
+from .loop import Loop, RunLog, build_optimizer, place_model, train_one_epoch, write_metrics
 from .masking import build_mask_generator
-from .methods import build_method
-from .vit import use_fused_attention
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
-
+from .methods import build_method, validate
 
 # Keys that may change when a run is resumed (they do not change what has been trained so far).
 RESUMABLE_CHANGES = ("epochs", "resume", "overwrite", "output_dir", "device", "data.num_workers", "data.root",
-                     "vis_every", "ckpt.every", "probe.")
+                     "data.test_limit", "vis_every", "ckpt.every", "probe.")
+
+# What runs after pretraining on rank 0 (e.g. the CLI's closing k-NN probe): (model, cfg, device, log) -> metrics
+AfterTraining = Callable[[torch.nn.Module, Any, torch.device, Callable[[str], None]], dict]
 
 
-def lr_at(epoch: float, cfg: Config, base_lr: float) -> float:
-    """Linear warmup, then half-cycle cosine to min_lr (MAE's per-step schedule; `epoch` is fractional)."""
-    warm = cfg.optim.warmup_epochs
-    if epoch < warm:
-        return base_lr * epoch / warm
-    progress = (epoch - warm) / max(cfg.epochs - warm, 1e-8)
-    return cfg.optim.min_lr + (base_lr - cfg.optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-def last_good(ckpt_path: Path, history: list) -> str:
-    """How a non-finite-loss stop names the checkpoint a restart would resume from."""
-    return f"{ckpt_path} (epoch {history[-1]['epoch']})" if ckpt_path.exists() and history else "none yet"
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group at lr, times its lr_scale (timm's layer-wise decay groups carry one)."""
-    for g in optimizer.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
-
-
-def backward_step(loss: torch.Tensor, it: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                  accum_iter: int, clip_grad: float) -> bool:
-    """Backward of loss / accum_iter; every accum_iter-th iteration clip (clip_grad > 0) and step.
-    True when the optimizer stepped."""
-    (loss / accum_iter).backward()
-    if (it + 1) % accum_iter:
-        return False
-    if clip_grad > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    return True
-
-
-def effective_lr(cfg: Config) -> float:
-    return cfg.optim.blr * cfg.batch_size * cfg.accum_iter * dist.world_size() / cfg.optim.lr_batch_ref
-
-
-class RunLog:
-    """Prints on rank 0 and appends to <output_dir>/log.txt."""
-
-    def __init__(self, out: Path):
-        self.path = out / "log.txt"
-
-    def __call__(self, msg: str) -> None:
-        if dist.is_main():
-            tqdm.write(msg)
-            with open(self.path, "a") as f:
-                f.write(msg + "\n")
-
-
-def resolve_output_dir(cfg: Config) -> Path:
+def resolve_output_dir(cfg) -> Path:
     if not cfg.output_dir:
         cfg.output_dir = f"runs/{cfg.method}_{cfg.data.name}"
     return Path(cfg.output_dir)
 
 
-def check_run_dir(cfg: Config) -> Path | None:
+def check_run_dir(cfg) -> Path | None:
     return rundir.check(resolve_output_dir(cfg), cfg, cfg.resume, cfg.overwrite, RESUMABLE_CHANGES)
 
 
-def write_run_dir(cfg: Config) -> Path:
+def write_run_dir(cfg) -> Path:
     return rundir.write(resolve_output_dir(cfg), cfg, cfg.overwrite, rundir.RUN_FILES + ("reconstructions.png",))
 
 
-def place_model(model: torch.nn.Module, device: torch.device, precision: str = "auto") -> torch.nn.Module:
-    """The model on its device, with the attention kernel that trains fastest in its precision there."""
-    model = model.to(device)
-    if device.type == "cpu" and dist.uses_bf16(device, precision):
-        # The fused attention kernel's bf16 backward is slow on CPU: 1.6 s of a 2.5 s MAE step on the CPU
-        # preset, 10x its fp32 time. timm's plain path makes the bf16 step 2x faster than fp32 (measured).
-        use_fused_attention(model, False)
-    return model
-
-
-def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
-    # No weight decay on biases, norms, tokens and 1-D parameters (timm's grouping, as in MAE).
-    groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
-    # fused on CUDA. On CPU the fused kernel is faster (benchmarks/README.md) but a run resumed after kill -9
-    # then differed from an uninterrupted one (tests/test_faults.py), so CPU keeps the default loop, which is exact.
-    return torch.optim.AdamW(groups, lr=effective_lr(cfg), betas=tuple(cfg.optim.betas),
-                             fused=device.type == "cuda" or None)
-
-
-def save_checkpoint(path: Path, model, optimizer, epoch: int, step: int, cfg: Config, history: list,
+def save_checkpoint(path: Path, model, optimizer, epoch: int, step: int, cfg, history: list,
                     rng_ranks: list | None = None) -> None:
     """`rng_ranks`: every rank's generator states (ranks draw different drop paths), rank 0's by default."""
     rng_ranks = rng_ranks or [checkpoint.rng_state()]
     checkpoint.save({"mimkit": "pretrain", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": {}, "epoch": epoch, "step": step, "config": to_dict(cfg), "history": history,
+                     "epoch": epoch, "step": step, "config": to_dict(cfg), "history": history,
                      "rng": rng_ranks[0], "rng_ranks": rng_ranks}, path)
 
 
@@ -135,17 +57,26 @@ def restore_rng(ckpt: dict, seed: int) -> None:
         torch.manual_seed(dist.rank_seed(seed) + ckpt["epoch"] + 1)
 
 
-def train(cfg: Config) -> dict:
-    validate(cfg)
-    device = dist.init(cfg.device)
-    resume_from = check_run_dir(cfg)
-    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
-    if cfg.deterministic:
-        torch.use_deterministic_algorithms(True)
+@dataclass
+class PretrainRun:
+    """Everything `train_one_epoch` and `finalize` need, made by `setup`."""
+    cfg: Any
+    device: torch.device
+    out: Path
+    log: RunLog
+    model: torch.nn.Module
+    train_model: torch.nn.Module  # the model, wrapped by DDP and torch.compile where asked
+    sampler: EpochSampler
+    loader: torch.utils.data.DataLoader
+    loop: Loop
+    vis: tuple[torch.Tensor, torch.Tensor]  # fixed images and masks of the panels
+    start_epoch: int = 0
 
+
+def build_data(cfg, device: torch.device):
+    """(training set, sampler, loader, mask generator); per-sample seeded augmentation and masks."""
     train_set = build_dataset(cfg.data, "train", cfg.data.limit)
-    encoder_grid = cfg.data.img_size // cfg.model.patch_size
-    mask_gen = build_mask_generator(cfg.mask, encoder_grid, cfg.model.patch_size)
+    mask_gen = build_mask_generator(cfg.mask, cfg.data.img_size // cfg.model.patch_size, cfg.model.patch_size)
     dataset = MaskedImages(train_set, pretrain_transform(cfg.data), mask_gen, cfg.seed, cfg.data.skip_corrupt)
     sampler = EpochSampler(len(dataset), dist.world_size(), dist.rank(), cfg.seed, shuffle=True, drop_last=True)
     loader = make_loader(dataset, cfg.batch_size, cfg.data, sampler=sampler, drop_last=True,
@@ -153,136 +84,100 @@ def train(cfg: Config) -> dict:
     if len(loader) == 0:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(sampler)} training images per process; "
                           f"lower batch_size or raise data.limit")
+    return train_set, sampler, loader, mask_gen
 
+
+def resume(path: Path, model, optimizer, loop: Loop, seed: int) -> int:
+    """Load a checkpoint into the model, optimizer and loop; returns the first epoch still to train."""
+    ckpt = checkpoint.load(path)
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise checkpoint.CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]}); "
+                                         f"was it trained with another architecture or method?") from None
+    optimizer.load_state_dict(ckpt["optimizer"])
+    loop.step, loop.history = ckpt["step"], ckpt.get("history", [])
+    restore_rng(ckpt, seed)
+    return ckpt["epoch"] + 1
+
+
+def panel_inputs(cfg, mask_gen, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first 8 test images and masks seeded per image: the same panel at every epoch."""
+    vis_set = Transformed(build_dataset(cfg.data, "test"), eval_transform(cfg.data))
+    imgs = torch.stack([vis_set[i][0] for i in range(min(8, len(vis_set)))]).to(device)
+    masks = torch.stack([mask_gen(torch.Generator().manual_seed(cfg.seed + i)) for i in range(len(imgs))])
+    return imgs, masks.to(device)
+
+
+def setup(cfg) -> PretrainRun:
+    """Checks first (a bad input leaves no files behind), then data, model, optimizer, resume, run directory."""
+    validate(cfg)
+    device = dist.init(cfg.device)
+    resume_from = check_run_dir(cfg)
+    torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True)
+    train_set, sampler, loader, mask_gen = build_data(cfg, device)
     model = place_model(build_method(cfg), device, cfg.precision)
     if dist.world_size() > 1:
         torch.manual_seed(dist.rank_seed(cfg.seed))  # but a different drop path on each rank
     optimizer = build_optimizer(model, cfg, device)
-    start_epoch, step, history = 0, 0, []
+    out = resolve_output_dir(cfg)
+    loop = Loop(cfg, model, optimizer, device, len(loader), log=RunLog(out), ckpt_path=out / "checkpoints" / "last.pt")
+    start_epoch = 0 if resume_from is None else resume(resume_from, model, optimizer, loop, cfg.seed)
+    write_run_dir(cfg)
+    log = loop.log
     if resume_from is not None:
-        ckpt = checkpoint.load(resume_from)
-        try:
-            model.load_state_dict(ckpt["model"])
-        except RuntimeError as e:
-            raise checkpoint.CheckpointError(f"{resume_from} does not fit this model ({str(e).splitlines()[0]}); "
-                                             f"was it trained with another architecture or method?") from None
-        optimizer.load_state_dict(ckpt["optimizer"])
-        start_epoch, step, history = ckpt["epoch"] + 1, ckpt["step"], ckpt.get("history", [])
-        restore_rng(ckpt, cfg.seed)
-    out = write_run_dir(cfg)
-    log = RunLog(out)
-    if resume_from is not None:
-        log(f"resumed from {resume_from} (epoch {start_epoch} done, step {step})")
+        log(f"resumed from {resume_from} (epoch {start_epoch} done, step {loop.step})")
     # find_unused_parameters: e.g. the encoder's mask token is unused by methods that drop masked patches
-    ddp = DistributedDataParallel(model, find_unused_parameters=True) if dist.world_size() > 1 else None
-    train_model = ddp or model
+    loop.ddp = DistributedDataParallel(model, find_unused_parameters=True) if dist.world_size() > 1 else None
+    train_model = loop.ddp or model
     if cfg.compile:
         train_model = torch.compile(train_model)
-
-    writer = None
     if dist.is_main():
         from torch.utils.tensorboard import SummaryWriter
-        writer = SummaryWriter(str(out / "tb"))
-    vis_set = Transformed(build_dataset(cfg.data, "test"), _vis_transform(cfg))
-    vis_imgs = torch.stack([vis_set[i][0] for i in range(min(8, len(vis_set)))]).to(device)
-    vis_mask = torch.stack([mask_gen(torch.Generator().manual_seed(cfg.seed + i)) for i in range(len(vis_imgs))])
-    vis_mask = vis_mask.to(device)
-
-    base_lr = effective_lr(cfg)
-    steps_per_epoch = len(loader)
-    ckpt_path = out / "checkpoints" / "last.pt"
-    bad_steps = 0
-    log(f"{cfg.method} on {cfg.data.name}: {len(train_set)} images, {steps_per_epoch} steps/epoch, "
-        f"epochs {start_epoch}->{cfg.epochs}, lr {base_lr:.3g}, device {device}, world {dist.world_size()}")
-    for epoch in range(start_epoch, cfg.epochs):
-        sampler.set_epoch(epoch)
-        train_model.train()
-        t0, n_images, loss_sum, replaced, extra_sums = time.perf_counter(), 0, 0.0, 0, {}
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main(), leave=False,
-                   file=sys.stderr, dynamic_ncols=True)
-        optimizer.zero_grad(set_to_none=True)
-        for it, (imgs, mask, _, rep) in enumerate(bar):
-            if it % cfg.accum_iter == 0:
-                lr = lr_at(epoch + it / steps_per_epoch, cfg, base_lr)
-                set_lr(optimizer, lr)
-            imgs = imgs.to(device, non_blocking=True)
-            mask = mask.to(device, non_blocking=True)
-            # gradient accumulation: all-reduce the gradients once per optimizer step, not per micro-batch
-            sync = ddp is None or (it + 1) % cfg.accum_iter == 0
-            with (contextlib.nullcontext() if sync else ddp.no_sync()), dist.autocast(device, cfg.precision):
-                outputs = train_model(imgs, mask)
-            loss = outputs["loss"]
-            # the mean over ranks: logged, and a NaN on any rank stops or skips the step on every rank
-            loss_value = dist.all_reduce_mean(loss.item(), device)
-            if not math.isfinite(loss_value):
-                bad_steps += 1
-                if bad_steps > cfg.optim.skip_nonfinite:
-                    raise NonFiniteLossError(f"non-finite loss ({loss_value}) at step {step} (epoch {epoch + 1}, "
-                                             f"iteration {it}); last good checkpoint: {last_good(ckpt_path, history)}")
-                log(f"warning: skipped step {step} with loss {loss_value} "
-                    f"({bad_steps}/{cfg.optim.skip_nonfinite} allowed by optim.skip_nonfinite)")
-                optimizer.zero_grad(set_to_none=True)
-                continue
-            if backward_step(loss, it, model, optimizer, cfg.accum_iter, cfg.optim.clip_grad):
-                step += 1
-                if writer is not None:
-                    writer.add_scalar("train/loss", loss_value, step)
-                    writer.add_scalar("train/lr", lr, step)
-            # Other scalars a method reports (e.g. token accuracy on masked patches) are averaged per epoch,
-            # summed on the device: an .item() here would wait for the backward and optimizer step every step.
-            for k, v in outputs.items():
-                if k != "loss" and torch.is_tensor(v) and v.dim() == 0:
-                    extra_sums[k] = extra_sums.get(k, 0.0) + v.detach().double()
-            n_images += len(imgs)
-            loss_sum += loss_value
-            replaced += int(rep.sum())
-            bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        seconds = time.perf_counter() - t0
-        epoch_loss = loss_sum / max(steps_per_epoch, 1)  # of losses already averaged over ranks
-        ips = dist.all_reduce_sum(n_images, device) / seconds
-        replaced = int(dist.all_reduce_sum(replaced, device))
-        extras = {k: dist.all_reduce_mean(v.item() / steps_per_epoch, device) for k, v in extra_sums.items()}
-        history.append({"epoch": epoch + 1, "loss": epoch_loss, "images_per_s": ips, "seconds": seconds,
-                        "replaced_images": replaced, **extras})
-        log(f"epoch {epoch + 1}/{cfg.epochs} loss {epoch_loss:.4f} lr {lr:.3g} {ips:.0f} img/s"
-            + "".join(f" {k} {v:.4f}" for k, v in extras.items()))
-        if writer is not None:
-            for k, v in extras.items():
-                writer.add_scalar(f"epoch/{k}", v, epoch + 1)
-            writer.add_scalar("epoch/loss", epoch_loss, epoch + 1)
-            writer.add_scalar("epoch/images_per_s", ips, epoch + 1)
-            if (epoch + 1) % cfg.vis_every == 0 or epoch + 1 == cfg.epochs:
-                model.eval()
-                panel = model.visualize(vis_imgs, vis_mask, cfg.data.name)
-                if panel is not None:
-                    writer.add_image(f"{cfg.method}/{model.panel_name}", panel, epoch + 1)
-        if (epoch + 1) % cfg.ckpt.every == 0 or epoch + 1 == cfg.epochs:
-            rng_ranks = dist.all_gather_object(checkpoint.rng_state())  # collective: every rank takes part
-            if dist.is_main():
-                save_checkpoint(ckpt_path, model, optimizer, epoch, step, cfg, history, rng_ranks)
-        dist.barrier()
-
-    metrics = summarize(history, cfg)
-    if dist.is_main():
-        model.eval()
-        panel = model.visualize(vis_imgs, vis_mask, cfg.data.name)
-        if panel is not None:
-            from torchvision.utils import save_image
-            save_image(panel, out / "reconstructions.png")
-        if cfg.probe.enabled:
-            metrics["knn"] = knn_probe(model.encoder, cfg, device, log)
-        checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-        log(f"metrics written to {out / 'metrics.json'}")
-        writer.close()
-    dist.cleanup()
-    return metrics
+        loop.writer = SummaryWriter(str(out / "tb"))
+    log(f"{cfg.method} on {cfg.data.name}: {len(train_set)} images, {len(loader)} steps/epoch, "
+        f"epochs {start_epoch}->{cfg.epochs}, lr {loop.base_lr:.3g}, device {device}, world {dist.world_size()}")
+    return PretrainRun(cfg, device, out, log, model, train_model, sampler, loader, loop,
+                       panel_inputs(cfg, mask_gen, device), start_epoch)
 
 
-def _vis_transform(cfg: Config):
-    return eval_transform(cfg.data)
+def run_epoch(run: PretrainRun, epoch: int) -> dict:
+    """Train one epoch; log it, draw the panel every vis_every epochs, checkpoint every ckpt.every epochs."""
+    cfg, loop, replaced = run.cfg, run.loop, []
+    run.sampler.set_epoch(epoch)
+    run.train_model.train()
+
+    def forward(batch):
+        imgs, mask, _, rep = batch
+        replaced.append(rep)
+        return run.train_model(imgs.to(run.device, non_blocking=True), mask.to(run.device, non_blocking=True))
+
+    record = train_one_epoch(loop, run.loader, epoch, forward)
+    record["replaced_images"] = int(dist.all_reduce_sum(sum(int(r.sum()) for r in replaced), run.device))
+    loop.history.append(record)
+    extras = {k: v for k, v in record.items() if k not in ("epoch", "loss", "images_per_s", "seconds",
+                                                          "replaced_images")}
+    run.log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} lr {loop.lr:.3g} "
+            f"{record['images_per_s']:.0f} img/s" + "".join(f" {k} {v:.4f}" for k, v in extras.items()))
+    if loop.writer is not None:
+        for k in ("loss", "images_per_s", *extras):
+            loop.writer.add_scalar(f"epoch/{k}", record[k], epoch + 1)
+        if (epoch + 1) % cfg.vis_every == 0 or epoch + 1 == cfg.epochs:
+            run.model.eval()
+            panel = run.model.visualize(*run.vis)
+            if panel is not None:
+                loop.writer.add_image(f"{cfg.method}/{run.model.panel_name}", panel, epoch + 1)
+    if (epoch + 1) % cfg.ckpt.every == 0 or epoch + 1 == cfg.epochs:
+        rng_ranks = dist.all_gather_object(checkpoint.rng_state())  # collective: every rank takes part
+        if dist.is_main():
+            save_checkpoint(loop.ckpt_path, run.model, loop.optimizer, epoch, loop.step, cfg, loop.history, rng_ranks)
+    dist.barrier()
+    return record
 
 
-def summarize(history: list[dict], cfg: Config) -> dict:
+def summarize(history: list[dict], cfg) -> dict:
     if not history:
         return {"method": cfg.method, "epochs": 0}
     seconds = sum(h["seconds"] for h in history)
@@ -295,14 +190,26 @@ def summarize(history: list[dict], cfg: Config) -> dict:
             "loss_history": [h["loss"] for h in history]}
 
 
-def knn_probe(encoder, cfg: Config, device: torch.device, log) -> dict:
-    """k-NN accuracy (DINO protocol, `mimkit probe knn`'s code) of the pretrained encoder and of a random-init
-    encoder of the same shape; {"pretrained": {top1_k10, top5_k10, ...}, "random_init": {...}, "gain_points"}."""
-    from mimkit.probes.features import random_encoder, split_features
-    from mimkit.probes.knn import KNN_KS, knn_compare
+def finalize(run: PretrainRun, after: AfterTraining | None = None) -> dict:
+    """The final panel (reconstructions.png), `after`'s metrics (rank 0) and metrics.json."""
+    metrics = summarize(run.loop.history, run.cfg)
+    if dist.is_main():
+        run.model.eval()
+        panel = run.model.visualize(*run.vis)
+        if panel is not None:
+            from torchvision.utils import save_image
+            save_image(panel, run.out / "reconstructions.png")
+        if after is not None:
+            metrics.update(after(run.model, run.cfg, run.device, run.log))
+        write_metrics(run.out, metrics, run.log)
+        run.loop.writer.close()
+    dist.cleanup()
+    return metrics
 
-    encoders = {"pretrained": encoder,  # random_init: the init this pretraining started from
-                "random_init": random_encoder(cfg.model, cfg.data.img_size, cfg.seed).to(device)}
-    return knn_compare(encoders, lambda enc, name, split: split_features(enc, cfg.data, split, device,
-                                                                         limit=cfg.probe.limit, log=log),
-                       KNN_KS, cfg.probe.knn_k, cfg.probe.knn_t, log=log)
+
+def train(cfg, after: AfterTraining | None = None) -> dict:
+    """Pretrain cfg.method as configured; `after` runs on the trained model before metrics.json is written."""
+    run = setup(cfg)
+    for epoch in range(run.start_epoch, cfg.epochs):
+        run_epoch(run, epoch)
+    return finalize(run, after)

@@ -10,11 +10,24 @@ from __future__ import annotations
 
 import math
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import ConfigError, choices
+
+MASK_KINDS = ("random", "grid", "block")
+
+
+@dataclass
+class MaskConfig:
+    kind: str = choices(*MASK_KINDS, default="")  # named by each method's recipe
+    ratio: float = 0.75
+    patch_px: int = 32  # SimMIM: side of a mask unit in pixels (grid masks)
+    min_block: int = 16  # BEiT: smallest block in patches at 14x14; scaled with the grid
+    min_aspect: float = 0.3  # BEiT: block aspect ratio in [min_aspect, 1/min_aspect]
+    exact: bool = True  # block masks: fill or trim to exactly ratio * N patches
 
 
 class RandomMask:
@@ -148,4 +161,4 @@ def build_mask_generator(mask_cfg, grid: int, patch_size: int):
         if not 0 < mask_cfg.min_aspect <= 1:
             raise ConfigError(f"mask.min_aspect={mask_cfg.min_aspect} is out of range; need 0 < min_aspect <= 1")
         return BlockMask(grid, ratio, mask_cfg.min_block, mask_cfg.min_aspect, mask_cfg.exact)
-    raise ConfigError(f"mask.kind={kind!r} is not valid; choose one of: random, grid, block")
+    raise ConfigError(f"mask.kind={kind!r} is not valid; choose one of: {', '.join(MASK_KINDS)}")

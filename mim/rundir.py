@@ -10,7 +10,7 @@ from pathlib import Path
 import yaml
 
 from . import checkpoint, dist
-from .config import ConfigError, diff, dump_yaml, flatten
+from .config import ConfigError, diff, dump_yaml, flatten, migrate
 
 RUN_FILES = ("checkpoints", "tb", "metrics.json", "log.txt")
 
@@ -25,8 +25,8 @@ def check(out: Path, cfg, resume: str = "auto", overwrite: bool = False,
         if resume == "none":
             raise ConfigError(f"output_dir {out} already holds a run; use resume=auto to continue it, "
                               f"overwrite=true to start afresh, or another output_dir")
-        old = yaml.safe_load(saved.read_text()) or {}
-        known = flatten(old)  # keys a newer mimkit added are not a conflict
+        old = migrate(flatten(yaml.safe_load(saved.read_text()) or {}))
+        known = old  # keys a newer mimkit added are not a conflict
         changed = [k for k in diff(old, cfg) if k in known and not k.startswith(resumable)]
         if changed:
             raise ConfigError(f"output_dir {out} holds a run with a different config ({', '.join(changed)}); "

@@ -40,19 +40,21 @@ class Job(submitit.helpers.Checkpointable):
     """`mimkit <head...> <overrides...> --config <file>...` run as a requeueable submitit job.
 
     `head` is the command with its sub-command and flags (e.g. probe linear --checkpoint X); keeping the
-    overrides apart lets a requeue replace them and keeps them together for argparse."""
+    overrides apart lets a requeue replace them and keeps them together for argparse. `entry` is `mimkit`'s
+    main(argv) (pickled by name: the job imports it where it runs)."""
 
-    def __init__(self, head: list[str], overrides: list[str], configs: list[str], output_dir: str):
+    def __init__(self, head: list[str], overrides: list[str], configs: list[str], output_dir: str,
+                 entry: Callable[[list[str]], int]):
         self.head, self.overrides, self.configs, self.output_dir = list(head), list(overrides), list(configs), output_dir
+        self.entry = entry
 
     @property
     def argv(self) -> list[str]:
         return [*self.head, *self.overrides, *(a for f in self.configs for a in ("--config", f))]
 
     def __call__(self) -> dict | None:
-        from .cli import main
         dist.export_submitit_env()  # RANK/WORLD_SIZE/MASTER_ADDR/... from SLURM_* before the command starts
-        code = main(self.argv)
+        code = self.entry(self.argv)
         if code:
             raise RuntimeError(f"`mimkit {shlex.join(self.argv)}` exited with status {code}; "
                                f"see {self.output_dir}/submitit/ and {self.output_dir}/log.txt")
@@ -71,7 +73,8 @@ class Job(submitit.helpers.Checkpointable):
         """Called by submitit on rank 0 when the job is preempted or about to time out; the returned
         submission is what the requeued job runs."""
         overrides = with_overrides(self.overrides, self.requeue_overrides())
-        return submitit.helpers.DelayedSubmission(type(self)(self.head, overrides, self.configs, self.output_dir))
+        return submitit.helpers.DelayedSubmission(type(self)(self.head, overrides, self.configs, self.output_dir,
+                                                             self.entry))
 
 
 def run_dir(args: argparse.Namespace) -> tuple[Path, dict[str, str], Callable[[], object]]:
@@ -81,9 +84,8 @@ def run_dir(args: argparse.Namespace) -> tuple[Path, dict[str, str], Callable[[]
     pretrain: the run directory is prepared at submission (a conflicting old run is refused now, not in the
     job's log; overwrite=true clears it now; the resolved config.yaml is written): every attempt is resume=auto."""
     if args.command == "pretrain":
-        from .cli import pretrain_config
-        from .config import validate
         from .engine import check_run_dir, resolve_output_dir, write_run_dir
+        from .methods import pretrain_config, validate
         cfg = pretrain_config(args.config, args.overrides)
         validate(cfg)
         cfg.output_dir = str(resolve_output_dir(cfg).resolve())
@@ -182,11 +184,11 @@ def build_executor(opts: argparse.Namespace, folder: Path, target: str) -> submi
     return ex
 
 
-def make_job(argv: list[str]) -> tuple[Job, Callable[[], object]]:
-    """Check `mimkit argv...` as the command itself would (mistakes surface now, not in the job's log), pin
-    its run directory and make --config paths absolute; also returns what prepares the run directory."""
-    from .cli import build_parser
-    parser = build_parser()
+def make_job(argv: list[str], parser: argparse.ArgumentParser,
+             entry: Callable[[list[str]], int]) -> tuple[Job, Callable[[], object]]:
+    """Check `mimkit argv...` with `mimkit`'s parser as the command itself would (mistakes surface now, not in
+    the job's log), pin its run directory and make --config paths absolute; also returns what prepares the run
+    directory. `entry`: mimkit's main(argv), which the job runs."""
     commands = next(a.choices for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     if argv[0] not in commands:
         raise ConfigError(f"mimkit submit {argv[0]}: that command is not installed here")
@@ -201,17 +203,18 @@ def make_job(argv: list[str]) -> tuple[Job, Callable[[], object]]:
             continue
         if not is_override(a):
             head.append(a)
-    job = Job(head, with_overrides(list(args.overrides), pinned), configs, str(out))
+    job = Job(head, with_overrides(list(args.overrides), pinned), configs, str(out), entry)
     parser.parse_args(job.argv)
     return job, prepare
 
 
-def submit(argv: list[str], opts: argparse.Namespace) -> tuple[submitit.Job, Path]:
+def submit(argv: list[str], opts: argparse.Namespace, parser: argparse.ArgumentParser,
+           entry: Callable[[list[str]], int]) -> tuple[submitit.Job, Path]:
     """Submit `mimkit argv...` (argv[0] in TARGETS) with the executor options `opts`; returns the job and the
-    run directory, where jobs.json records the submission."""
+    run directory, where jobs.json records the submission. `parser`, `entry`: mimkit's (see make_job)."""
     if argv[0] not in TARGETS:
         raise ConfigError(f"mimkit submit: command {argv[0]!r} is not valid; choose one of: {', '.join(TARGETS)}")
-    job_fn, prepare = make_job(argv)
+    job_fn, prepare = make_job(argv, parser, entry)
     out = Path(job_fn.output_dir)
     executor = build_executor(opts, out / "submitit", argv[0])
     prepare()
@@ -228,7 +231,7 @@ def submit(argv: list[str], opts: argparse.Namespace) -> tuple[submitit.Job, Pat
 
 def cmd_submit(args: argparse.Namespace) -> int:
     opts, argv = split_args(args)
-    job, out = submit(argv, opts)
+    job, out = submit(argv, opts, args.build_parser(), args.entry)
     print(f"submitted job {job.job_id} ({opts.executor}); run dir {out}\n"
           f"logs: {job.paths.stdout} (rank 0), {out / 'log.txt'}")
     if not opts.wait:

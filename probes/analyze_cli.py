@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
-EPILOG = """keys: data.name (digits|cifar10|imagefolder|synthetic), data.root, data.img_size, split (train|test), limit,
+from mimkit.commands import Parser
+
+EPILOG = """keys: data.name (digits|cifar10|imagefolder|synthetic), data.root, data.img_size, split (train|test), data.limit / data.test_limit (images of the split),
 batch_size, device, seed, overwrite, metric_samples, figures.gallery_tokens, figures.gallery_patches,
 figures.context, figures.map_images, figures.heatmap_tokens
 examples:
@@ -50,7 +52,6 @@ def intermixed(parser_class: type[argparse.ArgumentParser]) -> type[argparse.Arg
 
 
 def add_commands(sub) -> None:
-    from mimkit.cli import Parser
     p = sub.add_parser("analyze", help="token semantics: tokenizer metrics and figures, predicted-token accuracy")
     commands = p.add_subparsers(dest="analyze_command", required=True, parser_class=intermixed(Parser))
     t = commands.add_parser("tokens", help="codebook usage, TCAS, NMI, purity and figures of tokenizers on labeled data",

@@ -7,7 +7,7 @@ from pathlib import Path
 
 EPILOG = """defaults: the checkpoint's data settings, then the protocol (MAE linear probe / DINO k-NN / MAE fine-tune),
 then CPU presets for digits, synthetic and cifar10, then --config files, then key=value overrides.
-keys: output_dir, epochs, batch_size, accum_iter, device, seed, overwrite, test_limit, data.*, features.pool (cls|mean),
+keys: output_dir, epochs, batch_size, accum_iter, device, seed, overwrite, data.* (data.test_limit: test images), features.pool (cls|mean),
 features.layer (0 = final, k = block k), features.cache, features.cache_dir, optim.blr, optim.weight_decay,
 optim.warmup_epochs, optim.min_lr, linear.mode (augmented|cached), knn.k, knn.temperature, knn.backend,
 knn.random_init, finetune.layer_decay, finetune.drop_path, finetune.mixup, finetune.cutmix, finetune.smoothing,
@@ -32,7 +32,7 @@ def cmd_export(args) -> int:
     from mimkit.checkpoint import save
 
     from .export import export_state_dict, timm_recipe
-    from .features import load_encoder
+    from mimkit.encoders import load_encoder
     encoder, _, _ = load_encoder(args.checkpoint)
     save(export_state_dict(encoder), args.out)
     print(f"wrote {args.out}; load it with timm:\n{timm_recipe(encoder, str(Path(args.out)))}")

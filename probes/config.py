@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config import DEVICES, PRECISIONS, DataConfig, build_config, check_range, choices, validate_data
+from mimkit.config import DEVICES, PRECISIONS, build_config, check_range, choices
+from mimkit.data import DataConfig, validate_data
 
 KNN_KS = (10, 20, 100, 200)  # always reported (DINO)
 
@@ -71,7 +72,6 @@ class ProbeRunConfig:
     epochs: int = 90
     batch_size: int = 256
     accum_iter: int = 1
-    test_limit: int = 0  # use only N test images, evenly spread (0 = all); data.limit limits the training images
     overwrite: bool = False  # replace the results of an earlier probe in output_dir
     data: DataConfig = field(default_factory=DataConfig)  # defaults: the checkpoint's data settings
     features: FeatureConfig = field(default_factory=FeatureConfig)
@@ -132,7 +132,6 @@ def probe_config(protocol: str, files: list[str] = (), overrides: list[str] = ()
 def validate(cfg: ProbeRunConfig, depth: int) -> None:
     check_range("batch_size", cfg.batch_size, 1)
     check_range("accum_iter", cfg.accum_iter, 1)
-    check_range("test_limit", cfg.test_limit, 0)
     check_range("features.layer", cfg.features.layer, 0, depth)
     if cfg.protocol != "knn":
         check_range("epochs", cfg.epochs, 1)

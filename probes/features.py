@@ -1,5 +1,5 @@
-"""Frozen-encoder features for probes: load an encoder from any mimkit pretraining checkpoint, extract CLS
-after the final norm, mean-pooled patches or a block's output, and cache them on disk."""
+"""Frozen-encoder features for probes: CLS after the final norm, mean-pooled patches or a block's output of an
+encoder (mimkit.encoders loads it from any pretraining checkpoint), cached on disk."""
 from __future__ import annotations
 
 import hashlib
@@ -11,49 +11,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from mimkit import checkpoint
-from mimkit.checkpoint import CheckpointError
-from mimkit.config import Config, ConfigError, from_dict
 from mimkit.data import Transformed, build_dataset, eval_transform, make_loader
 from mimkit.dist import autocast
-from mimkit.vit import ViT, build_encoder, sincos_pos_embed
-
-
-def load_encoder(path: str | Path, img_size: int | None = None,
-                 ckpt: dict | None = None) -> tuple[ViT, Config, dict]:
-    """The encoder of a pretraining checkpoint (weights under `encoder.` in ckpt["model"], whatever the
-    method), its pretraining config, and the checkpoint (pass `ckpt` if already loaded from `path`). A different
-    `img_size` regenerates the fixed sin-cos positions for the new grid."""
-    ckpt = checkpoint.load(path, "pretrain") if ckpt is None else ckpt
-    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
-        raise CheckpointError(f"{path} has no 'model' and 'config' entries; is it a mimkit pretraining checkpoint?")
-    stored = ckpt["config"]
-    try:  # only the encoder's shape matters here; other sections may come from another mimkit version
-        cfg = from_dict(Config, {k: stored[k] for k in ("model", "data") if k in stored})
-    except ConfigError as e:
-        raise CheckpointError(f"{path}: stored config is not readable ({e})") from None
-    cfg.method, cfg.seed = str(stored.get("method", "")), int(stored.get("seed", 0))
-    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
-    if not state:
-        raise CheckpointError(f"{path} holds no encoder weights (no 'encoder.' keys in its model)")
-    size = img_size or cfg.data.img_size
-    if size % cfg.model.patch_size:
-        raise ConfigError(f"data.img_size={size} is not divisible by the checkpoint's patch size "
-                          f"{cfg.model.patch_size}")
-    encoder = build_encoder(cfg.model, size)
-    state["pos_embed"] = sincos_pos_embed(encoder.grid, encoder.embed_dim)  # fixed, so rebuilt for any grid
-    try:
-        encoder.load_state_dict(state)
-    except RuntimeError as e:
-        raise CheckpointError(f"{path}: encoder weights do not fit the stored model config "
-                              f"({str(e).splitlines()[0][:200]})") from None
-    return encoder, cfg, ckpt
-
-
-def random_encoder(model_cfg, img_size: int, seed: int) -> ViT:
-    """A random-init encoder of the same shape: the init a pretraining run with this seed started from."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        return build_encoder(model_cfg, img_size)
+from mimkit.vit import ViT
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:

@@ -4,7 +4,6 @@ decay (timm's param_groups_layer_decay), drop path, timm Mixup/CutMix with label
 erasing from timm's create_transform, warmup + cosine; checkpoints/best.pt keeps the best validation top-1."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
 
 import torch
 import torchvision.transforms.v2 as T
@@ -16,14 +15,13 @@ from timm.optim import param_groups_layer_decay
 
 from mimkit.config import ConfigError
 from mimkit.data import Transformed, build_dataset, dataset_stats, eval_transform, make_loader
-from mimkit.engine import effective_lr, place_model
+from mimkit.loop import effective_lr, place_model
 from mimkit.vit import ViT
 
+from .context import ProbeRun
 from .export import export_state_dict, timm_kwargs
 from .train import evaluate, fit, summarize
 
-if TYPE_CHECKING:
-    from .run import ProbeRun
 
 FRESH = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
 
@@ -71,11 +69,11 @@ def train_transform(cfg) -> T.Compose:
     return T.Compose([T.ToPILImage(), tf])
 
 
-def run_finetune(run: "ProbeRun") -> dict:
+def run_finetune(run: ProbeRun) -> dict:
     cfg, device, ft = run.cfg, run.device, run.cfg.finetune
     num_classes = run.num_classes
     train_set = Transformed(build_dataset(cfg.data, "train", cfg.data.limit), train_transform(cfg))
-    test_set = Transformed(build_dataset(cfg.data, "test", cfg.test_limit), eval_transform(cfg.data))
+    test_set = Transformed(build_dataset(cfg.data, "test", cfg.data.test_limit), eval_transform(cfg.data))
     pin = device.type == "cuda"
     train_loader = make_loader(train_set, cfg.batch_size, cfg.data, shuffle=True, drop_last=True, pin_memory=pin)
     test_loader = make_loader(test_set, cfg.batch_size, cfg.data, pin_memory=pin)

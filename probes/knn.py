@@ -2,16 +2,16 @@
 neighbours vote with weight exp(sim / T). The search runs on FAISS (a GPU index when faiss has GPUs) or torch."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-from .config import KNN_KS
-from .features import random_encoder
+from mimkit.config import ConfigError
+from mimkit.encoders import random_encoder
 
-if TYPE_CHECKING:
-    from .run import ProbeRun
+from .config import KNN_KS
+from .context import ProbeRun
+from .features import split_features
+
 
 
 def _faiss():
@@ -27,7 +27,6 @@ def search(train: torch.Tensor, test: torch.Tensor, k: int, backend: str = "auto
     """Inner products and indices [n_test, k] of the k nearest rows of `train` (both already normalized)."""
     faiss = _faiss() if backend in ("auto", "faiss") else None
     if backend == "faiss" and faiss is None:
-        from mimkit.config import ConfigError
         raise ConfigError("knn.backend=faiss but faiss is not installed (pip install faiss-cpu); use knn.backend=torch")
     if faiss is not None:
         index = faiss.IndexFlatIP(train.shape[1])
@@ -62,12 +61,6 @@ def knn_scores(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats
     return out
 
 
-def knn_predict(train_feats, train_labels, test_feats, k: int = 20, T: float = 0.07, num_classes: int | None = None,
-                backend: str = "auto") -> torch.Tensor:
-    """Class scores [n_test, C] summed over the k nearest training samples."""
-    return knn_scores(train_feats, train_labels, test_feats, (k,), T, num_classes, backend)[k]
-
-
 def knn_accuracy(train_feats, train_labels, test_feats, test_labels, ks=KNN_KS, T: float = 0.07,
                  num_classes: int | None = None, backend: str = "auto") -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) for each k: {"top1_k20": ..., "top5_k20": ..., ...}."""
@@ -96,7 +89,7 @@ def knn_compare(encoders: dict, features, ks=KNN_KS, k: int = 20, T: float = 0.0
     return result
 
 
-def run_knn(run: "ProbeRun") -> dict:
+def run_knn(run: ProbeRun) -> dict:
     """`mimkit probe knn`: the checkpoint's encoder (features through the cache) and, with knn.random_init, a
     random-init encoder of the same shape."""
     cfg, kc = run.cfg, run.cfg.knn
@@ -114,3 +107,17 @@ def run_knn(run: "ProbeRun") -> dict:
     train, test = (run.features(split) for split in ("train", "test"))
     return {"top1": result["pretrained"][f"top1_k{kc.k}"], "top5": result["pretrained"][f"top5_k{kc.k}"],
             "k": kc.k, "temperature": kc.temperature, "n_train": len(train[1]), "n_test": len(test[1]), **result}
+
+
+def closing_probe(model, cfg, device: torch.device, log=print) -> dict:
+    """What `mimkit pretrain` reports at the end (probe.enabled): k-NN accuracy (this module's protocol) of the
+    pretrained encoder and of a random-init encoder of the same shape, the init this pretraining started from;
+    {"knn": {"pretrained": {top1_k10, ...}, "random_init": {...}, "gain_points"}} (nothing when disabled)."""
+    if not cfg.probe.enabled:
+        return {}
+    encoders = {"pretrained": model.encoder,
+                "random_init": random_encoder(cfg.model, cfg.data.img_size, cfg.seed).to(device)}
+    limits = {"train": cfg.data.limit, "test": cfg.data.test_limit}
+    features = lambda enc, name, split: split_features(enc, cfg.data, split, device, limit=limits[split],  # noqa: E731
+                                                       log=log)
+    return {"knn": knn_compare(encoders, features, KNN_KS, cfg.probe.knn_k, cfg.probe.knn_t, log=log)}

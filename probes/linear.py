@@ -4,7 +4,6 @@ flip only. `linear.mode=cached` trains the same head on cached features without 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -13,13 +12,12 @@ from timm.optim import Lars
 from torch import nn
 
 from mimkit.data import Transformed, build_dataset, make_loader, pretrain_transform
-from mimkit.engine import effective_lr
+from mimkit.config import ConfigError
+from mimkit.loop import effective_lr
 
+from .context import ProbeRun
 from .features import encode
 from .train import evaluate, fit, summarize
-
-if TYPE_CHECKING:
-    from .run import ProbeRun
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -52,7 +50,7 @@ def feature_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, 
         yield feats[idx], labels[idx]
 
 
-def run_linear(run: "ProbeRun") -> dict:
+def run_linear(run: ProbeRun) -> dict:
     cfg, device = run.cfg, run.device
     test_feats, test_labels = run.features("test")
     head = linear_head(test_feats.shape[1], run.num_classes)
@@ -78,7 +76,6 @@ def run_linear(run: "ProbeRun") -> dict:
 
         steps, n_train = len(loader), len(dataset)
         if steps == 0:
-            from mimkit.config import ConfigError
             raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {n_train} training images; lower batch_size")
     head.to(device)
     base_lr = effective_lr(cfg)

@@ -2,63 +2,27 @@
 metrics.json), then the protocol (linear, knn, finetune)."""
 from __future__ import annotations
 
-import json
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from mimkit import checkpoint, dist, rundir
-from mimkit.config import Config, ConfigError, flatten, to_dict
+from mimkit.config import ConfigError, flatten, to_dict
 from mimkit.data import build_dataset
-from mimkit.engine import RunLog
-from mimkit.vit import ViT
+from mimkit.encoders import load_encoder
+from mimkit.loop import RunLog, write_metrics
 
 from .config import ProbeRunConfig, default_output_dir, probe_config, validate
-from .features import checkpoint_id, load_encoder, split_features
+from .context import ProbeRun
+from .features import checkpoint_id
+from .finetune import run_finetune
+from .knn import run_knn
+from .linear import run_linear
 
 RESULT_FILES = rundir.RUN_FILES
 # Keys that do not change an evaluation's result: a run differing only in these is the same run.
 RERUNNABLE = ("output_dir", "overwrite", "device", "data.num_workers", "data.root", "features.cache")
-
-
-@dataclass
-class ProbeRun:
-    """What a protocol needs: the config, the frozen encoder, the device, logging and the feature source."""
-    cfg: ProbeRunConfig
-    encoder: ViT
-    pretrain_cfg: Config
-    device: torch.device
-    out: Path
-    log: RunLog
-    writer: object  # torch.utils.tensorboard.SummaryWriter
-    ckpt_id: str
-    num_classes: int = 0
-    _features: dict = field(default_factory=dict)
-
-    @property
-    def cache_dir(self) -> Path | None:
-        if not self.cfg.features.cache:
-            return None
-        return Path(self.cfg.features.cache_dir) if self.cfg.features.cache_dir else self.out.parent / "feature_cache"
-
-    def features(self, split: str, encoder: ViT | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Eval-transform features of a split; the checkpoint's encoder goes through the cache."""
-        cfg = self.cfg
-        mine = encoder is None
-        if mine and split in self._features:
-            return self._features[split]
-        limit = cfg.data.limit if split == "train" else cfg.test_limit
-        result = split_features(self.encoder if mine else encoder, cfg.data, split, self.device, cfg.features.pool,
-                                cfg.features.layer, limit, cfg.batch_size, self.cache_dir if mine else None,
-                                self.ckpt_id, self.log)
-        if mine:
-            self._features[split] = result
-        return result
-
-    def save(self, name: str, obj: dict) -> None:
-        checkpoint.save({**obj, "config": to_dict(self.cfg)}, self.out / "checkpoints" / name)
 
 
 def build_probe_config(protocol: str, checkpoint_path: str = "", files: list[str] = (),
@@ -91,10 +55,6 @@ def prepare_output_dir(cfg, default: Path, what: str = "a probe run", result_fil
 def run_probe(cfg: ProbeRunConfig, ckpt: dict | None = None) -> dict:
     """Run cfg.protocol and write <output_dir>/metrics.json; returns the metrics. `ckpt`: cfg.checkpoint's
     content, if already loaded."""
-    from .finetune import run_finetune
-    from .knn import run_knn
-    from .linear import run_linear
-
     encoder, pretrain_cfg, ckpt = load_encoder(cfg.checkpoint, cfg.data.img_size, ckpt)
     validate(cfg, encoder.depth)
     device = dist.init(cfg.device)
@@ -118,9 +78,8 @@ def run_probe(cfg: ProbeRunConfig, ckpt: dict | None = None) -> dict:
                "pretrain_epochs": ckpt.get("epoch", -1) + 1, "dataset": cfg.data.name, "img_size": cfg.data.img_size,
                "num_classes": run.num_classes, **result, "seconds": time.perf_counter() - t0,
                "settings": settings(cfg)}
-    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    run.log(f"{cfg.protocol}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%; "
-            f"metrics written to {out / 'metrics.json'}")
+    run.log(f"{cfg.protocol}: top-1 {metrics['top1']:.2f}% top-5 {metrics['top5']:.2f}%")
+    write_metrics(out, metrics, run.log)
     return metrics
 
 

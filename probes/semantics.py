@@ -14,7 +14,6 @@ their global index, so the subsample and the gallery patches do not depend on th
 """
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -27,13 +26,16 @@ from tqdm import tqdm
 
 from mimkit import checkpoint, dist
 from mimkit.checkpoint import CheckpointError
-from mimkit.config import (DEVICES, Config, ConfigError, DataConfig, build_config, check_range, choices, from_dict,
-                           set_key, validate_data)
-from mimkit.data import (DATA_PRESETS, EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats,
-                         denormalize, eval_transform, make_loader)
+from mimkit.config import DEVICES, ConfigError, build_config, check_range, choices, from_dict, set_key
+from mimkit.data import (DATA_PRESETS, DataConfig, EpochSampler, MaskedImages, Transformed, build_dataset,
+                         dataset_stats, denormalize, eval_transform, make_loader, validate_data)
 from mimkit.dist import autocast
-from mimkit.engine import RunLog
-from mimkit.tokenizers.base import FrozenTokenizer, Tokenizer, count_stats, resize
+from mimkit.images import resize
+from mimkit.loop import RunLog, write_metrics
+from mimkit.masking import build_mask_generator
+from mimkit.methods import METHODS, Method, build_method, config_class
+from mimkit.targets.tokens import TokenIds
+from mimkit.tokenizers.base import Tokenizer, count_stats
 
 from . import semantics_plots as plots
 from .run import prepare_output_dir
@@ -54,7 +56,6 @@ class AnalyzeConfig:
     checkpoint: str = ""  # predictions: a beit, beitv2 or clustermim pretraining checkpoint (set by --checkpoint)
     output_dir: str = ""  # set by --out; default runs/analyze_tokens_<data.name> or next to the checkpoint
     split: str = choices("train", "test", default="test")  # test: val/ or test/ for image folders
-    limit: int = 0  # use only N images of the split, evenly spread (0 = all)
     batch_size: int = 256
     device: str = choices(*DEVICES, default="auto")
     seed: int = 0  # the patch subsample, the gallery patches and the prediction masks
@@ -81,8 +82,12 @@ def analyze_config(files: list[str] = (), overrides: list[str] = (), stored: dic
     return build_config(AnalyzeConfig, files, overrides, presets=[("split", {s: inherited for s in ("train", "test")})])
 
 
+def split_limit(cfg: AnalyzeConfig) -> int:
+    """The image limit of the analyzed split: data.limit for train, data.test_limit for test."""
+    return cfg.data.limit if cfg.split == "train" else cfg.data.test_limit
+
+
 def validate(cfg: AnalyzeConfig) -> None:
-    check_range("limit", cfg.limit, 0)
     check_range("batch_size", cfg.batch_size, 1)
     check_range("metric_samples", cfg.metric_samples, 1)
     validate_data(cfg.data)
@@ -241,7 +246,7 @@ def stream_tokens(tokenizers: dict[str, Tokenizer], dataset, data_name: str, num
     (folders are sorted by class: the first images would all be one class), in [0, 1], and their ids per
     tokenizer."""
     stats_of = dataset_stats(data_name)
-    frozen = {name: FrozenTokenizer(tok, stats_of) for name, tok in tokenizers.items()}
+    frozen = {name: TokenIds(tok, stats_of) for name, tok in tokenizers.items()}
     total = len(dataset)
     stats = {name: TokenStats(num_classes, tok.vocab_size, tok.num_tokens,
                               min(1.0, cfg.metric_samples / max(1, total * tok.num_tokens)),
@@ -335,7 +340,7 @@ def analyze_tokens(cfg: AnalyzeConfig) -> dict:
     files = parse_tokenizers(cfg.tokenizers)
     tokenizers = {name: load_tokenizer(path) for name, path in files.items()}
     device = dist.init(cfg.device)
-    base = build_dataset(cfg.data, cfg.split, cfg.limit)
+    base = build_dataset(cfg.data, cfg.split, split_limit(cfg))
     classes = list(base.classes)
     dataset = Transformed(base, eval_transform(cfg.data))
     out = prepare_output_dir(cfg, Path("runs") / f"analyze_tokens_{cfg.data.name}", "an analysis", RESULT_FILES)
@@ -369,8 +374,8 @@ def analyze_tokens(cfg: AnalyzeConfig) -> dict:
     checkpoint.atomic_write_text(out / "table.md", md)
     metrics = {"dataset": cfg.data.name, "split": cfg.split, "images": len(dataset), "classes": classes,
                "table": table, "tokenizers": results, "seconds": time.perf_counter() - t0}
-    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
-    log("\n" + md + f"\nmetrics written to {out / 'metrics.json'}, figures under {out / 'figures'}")
+    log("\n" + md + f"\nfigures under {out / 'figures'}")
+    write_metrics(out, metrics, log)
     return metrics
 
 
@@ -378,60 +383,88 @@ def analyze_tokens(cfg: AnalyzeConfig) -> dict:
 # `mimkit analyze predictions`
 
 
-def masked_token_logits(model: torch.nn.Module, imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """A pretrained method's logits over its tokenizer's vocabulary at the masked positions: [M, V], rows in the
-    order of `mask.nonzero()` (as `target[mask]`).
-
-    Masked rows only: [B, N, 8192] logits of a whole batch would take gigabytes."""
-    if hasattr(model, "masked_token_logits"):
-        return model.masked_token_logits(imgs, mask)
-    raise ConfigError(f"method {model.name!r} does not predict tokens; `analyze predictions` needs a beit, beitv2 "
-                      f"or clustermim checkpoint")
-
-
-def load_method(ckpt: dict, path: str, cfg: AnalyzeConfig, tokenizer: str) -> tuple[torch.nn.Module, Config]:
+def load_method(ckpt: dict, path: str, cfg: AnalyzeConfig, tokenizer: str) -> tuple[Method, object]:
     """Rebuild the method of a pretraining checkpoint from its stored config with `tokenizer` as its target
-    (default: the stored target.tokenizer) and the analysis' data settings, and load its weights."""
-    from mimkit.methods import METHODS, build_method
+    (default: the stored target.tokens.tokenizer) and the analysis' data settings, and load its weights; returns
+    the model and its config."""
     stored = ckpt.get("config")
     if not isinstance(stored, dict) or not isinstance(ckpt.get("model"), dict):
         raise CheckpointError(f"{path} has no 'model' and 'config' entries; is it a mimkit pretraining checkpoint?")
     if stored.get("method") not in METHODS:
         raise CheckpointError(f"{path}: unknown method {stored.get('method')!r} (known: {', '.join(METHODS)})")
     try:
-        mcfg = from_dict(Config, stored)
+        mcfg = from_dict(config_class(), stored)
     except ConfigError as e:
         raise CheckpointError(f"{path}: stored config is not readable ({e})") from None
     if cfg.data.img_size != mcfg.data.img_size:
         raise ConfigError(f"data.img_size={cfg.data.img_size} differs from the checkpoint's {mcfg.data.img_size}; "
                           f"the model predicts tokens at the size it was trained at")
     mcfg.data = cfg.data
-    mcfg.target.tokenizer = tokenizer or mcfg.target.tokenizer
-    if mcfg.target.tokenizer:
-        require_tokenizer_file(mcfg.target.tokenizer)  # named as --tokenizer; build_method then loads it once
-    model = build_method(mcfg)
-    if not isinstance(getattr(model, "tokenizer", None), FrozenTokenizer):
+    if mcfg.target.kind != "tokens":
         raise ConfigError(f"{path} is a {mcfg.method} checkpoint, whose targets are not tokens; `analyze predictions` "
-                          f"needs a beit, beitv2 or clustermim checkpoint")
+                          f"needs a checkpoint of a method with target.kind=tokens (beit, beitv2, clustermim)")
+    tok = mcfg.target.tokens
+    tok.tokenizer = tokenizer or tok.tokenizer
+    if tok.tokenizer:
+        require_tokenizer_file(tok.tokenizer)  # named as --tokenizer; build_method then loads it once
+    model = build_method(mcfg)
     own = model.state_dict()
     for k, v in ckpt["model"].items():  # e.g. a head sized for another vocabulary: say which, not just "mismatch"
         if k in own and torch.is_tensor(v) and own[k].shape != v.shape:
-            raise CheckpointError(f"{path} does not fit method {mcfg.method} with tokenizer {mcfg.target.tokenizer} "
-                                  f"(vocabulary {model.tokenizer.vocab_size}): {k} is {list(v.shape)} in the "
+            raise CheckpointError(f"{path} does not fit method {mcfg.method} with tokenizer {tok.tokenizer} "
+                                  f"(vocabulary {model.target.out_dim}): {k} is {list(v.shape)} in the "
                                   f"checkpoint, {list(own[k].shape)} here; pass the tokenizer it was trained with")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
-        raise CheckpointError(f"{path} does not fit method {mcfg.method} with tokenizer {mcfg.target.tokenizer} "
+        raise CheckpointError(f"{path} does not fit method {mcfg.method} with tokenizer {tok.tokenizer} "
                               f"({str(e).splitlines()[0][:200]})") from None
     return model.eval(), mcfg
+
+
+@torch.no_grad()
+def count_hits(model: Method, loader, device: torch.device, num_classes: int) -> dict[str, np.ndarray]:
+    """Per class: masked patches whose arg-max (and top-5) predicted id is the target's, and all masked patches;
+    and the count of every target id."""
+    vocab = model.target.out_dim
+    counts = {k: np.zeros(num_classes, np.int64) for k in ("correct", "correct5", "total")}
+    counts["targets"] = np.zeros(vocab, np.int64)
+    for imgs, mask, labels, _ in tqdm(loader, desc="predictions", file=sys.stderr, dynamic_ncols=True, leave=False):
+        imgs, mask = imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        with autocast(device):
+            target = model.target(imgs)[mask]
+            logits = model.masked_logits(imgs, mask).float()
+        hit = (logits.argmax(-1) == target).cpu().numpy()
+        hit5 = (logits.topk(min(5, vocab), -1).indices == target[:, None]).any(-1).cpu().numpy()
+        patch_class = torch.as_tensor(labels).to(device)[:, None].expand_as(mask)[mask].cpu().numpy()
+        counts["correct"] += np.bincount(patch_class, weights=hit, minlength=num_classes).astype(np.int64)
+        counts["correct5"] += np.bincount(patch_class, weights=hit5, minlength=num_classes).astype(np.int64)
+        counts["total"] += np.bincount(patch_class, minlength=num_classes)
+        counts["targets"] += np.bincount(target.cpu().numpy(), minlength=vocab)
+    return counts
+
+
+def predictions_figure(metrics: dict, out: Path) -> list[str]:
+    """TensorBoard scalars and the per-class accuracy figure of `analyze predictions`; returns the figure paths."""
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(out / "tb"))
+    try:
+        for key in ("accuracy", "top5_accuracy", "mean_class_accuracy", "majority_baseline"):
+            writer.add_scalar(f"predictions/{key}", metrics[key], 0)
+        path = out / "figures" / "accuracy_per_class.png"
+        plots.save_figure(plots.accuracy_figure(metrics["per_class_accuracy"], metrics["accuracy"],
+                                                metrics["majority_baseline"]), path, writer,
+                          "predictions/accuracy_per_class")
+    finally:
+        writer.close()
+    return [str(path)]
 
 
 def analyze_predictions(cfg: AnalyzeConfig, ckpt: dict | None = None) -> dict:
     """Accuracy of a pretrained model's predicted ids on masked patches (its own mask generator, seeded per
     image), overall, top-5 and per class; the baseline predicts the most frequent target id. The target is
-    cfg.tokenizers (one file) or the checkpoint's target.tokenizer. `ckpt`: cfg.checkpoint's content, if loaded."""
-    from mimkit.masking import build_mask_generator
+    cfg.tokenizers (one file) or the checkpoint's target.tokens.tokenizer. `ckpt`: cfg.checkpoint's content, if
+    loaded."""
     validate(cfg)
     if not cfg.checkpoint:
         raise ConfigError("a checkpoint is required: --checkpoint runs/<run>/checkpoints/last.pt")
@@ -439,14 +472,12 @@ def analyze_predictions(cfg: AnalyzeConfig, ckpt: dict | None = None) -> dict:
     tokenizers = list(parse_tokenizers(cfg.tokenizers).values()) if cfg.tokenizers else [""]
     if len(tokenizers) > 1:
         raise ConfigError(f"analyze predictions takes one tokenizer (the model's target), got {len(tokenizers)}")
-    tokenizer = tokenizers[0]
-    model, mcfg = load_method(ckpt, cfg.checkpoint, cfg, tokenizer)
+    model, mcfg = load_method(ckpt, cfg.checkpoint, cfg, tokenizers[0])
     device = dist.init(cfg.device)
     model.to(device)
-    base = build_dataset(cfg.data, cfg.split, cfg.limit)
+    base = build_dataset(cfg.data, cfg.split, split_limit(cfg))
     classes = list(base.classes)
-    grid = cfg.data.img_size // mcfg.model.patch_size
-    mask_gen = build_mask_generator(mcfg.mask, grid, mcfg.model.patch_size)
+    mask_gen = build_mask_generator(mcfg.mask, cfg.data.img_size // mcfg.model.patch_size, mcfg.model.patch_size)
     dataset = MaskedImages(base, eval_transform(cfg.data), mask_gen, cfg.seed)
     loader = make_loader(dataset, cfg.batch_size, cfg.data, sampler=EpochSampler(len(dataset), shuffle=False),
                          pin_memory=device.type == "cuda")
@@ -454,49 +485,25 @@ def analyze_predictions(cfg: AnalyzeConfig, ckpt: dict | None = None) -> dict:
     run = ckpt_path.parent.parent if ckpt_path.parent.name == "checkpoints" else ckpt_path.parent
     out = prepare_output_dir(cfg, run / f"analyze_predictions_{cfg.data.name}", "an analysis", RESULT_FILES)
     log = RunLog(out)
-    log(f"token predictions of {cfg.checkpoint} ({mcfg.method}, tokenizer {mcfg.target.tokenizer}) on "
+    log(f"token predictions of {cfg.checkpoint} ({mcfg.method}, tokenizer {mcfg.target.tokens.tokenizer}) on "
         f"{cfg.data.name} {cfg.split} ({len(dataset)} images), mask {mcfg.mask.kind} {mcfg.mask.ratio}, device {device}")
-    vocab = model.tokenizer.vocab_size
-    correct, correct5, total = (np.zeros(len(classes), np.int64) for _ in range(3))
-    target_counts = np.zeros(vocab, np.int64)
     t0 = time.perf_counter()
-    with torch.no_grad():
-        for imgs, mask, labels, _ in tqdm(loader, desc="predictions", file=sys.stderr, dynamic_ncols=True, leave=False):
-            imgs, mask = imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True)
-            with autocast(device):
-                target = model.tokenizer(imgs)[mask]
-                logits = masked_token_logits(model, imgs, mask).float()
-            hit = (logits.argmax(-1) == target).cpu().numpy()
-            hit5 = (logits.topk(min(5, vocab), -1).indices == target[:, None]).any(-1).cpu().numpy()
-            patch_class = torch.as_tensor(labels).to(device)[:, None].expand_as(mask)[mask].cpu().numpy()
-            correct += np.bincount(patch_class, weights=hit, minlength=len(classes)).astype(np.int64)
-            correct5 += np.bincount(patch_class, weights=hit5, minlength=len(classes)).astype(np.int64)
-            total += np.bincount(patch_class, minlength=len(classes))
-            target_counts += np.bincount(target.cpu().numpy(), minlength=vocab)
-    n = int(total.sum())
+    c = count_hits(model, loader, device, len(classes))
+    n = int(c["total"].sum())
     if n == 0:
-        raise ConfigError("no masked patches were analyzed; check limit and the checkpoint's mask settings")
-    per_class = {c: float(correct[i] / total[i]) for i, c in enumerate(classes) if total[i]}
-    metrics = {"checkpoint": cfg.checkpoint, "method": mcfg.method, "tokenizer": mcfg.target.tokenizer,
-               "vocab_size": vocab, "dataset": cfg.data.name, "split": cfg.split, "images": len(dataset),
-               "masked_patches": n, "accuracy": float(correct.sum() / n), "top5_accuracy": float(correct5.sum() / n),
+        raise ConfigError("no masked patches were analyzed; check data.test_limit / data.limit and the checkpoint's mask settings")
+    per_class = {name: float(c["correct"][i] / c["total"][i]) for i, name in enumerate(classes) if c["total"][i]}
+    metrics = {"checkpoint": cfg.checkpoint, "method": mcfg.method, "tokenizer": mcfg.target.tokens.tokenizer,
+               "vocab_size": model.target.out_dim, "dataset": cfg.data.name, "split": cfg.split,
+               "images": len(dataset), "masked_patches": n, "accuracy": float(c["correct"].sum() / n),
+               "top5_accuracy": float(c["correct5"].sum() / n),
                "mean_class_accuracy": float(np.mean(list(per_class.values()))),
-               "majority_baseline": float(target_counts.max() / n), "per_class_accuracy": per_class,
+               "majority_baseline": float(c["targets"].max() / n), "per_class_accuracy": per_class,
                "seconds": time.perf_counter() - t0}
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(out / "tb"))
-    try:
-        for key in ("accuracy", "top5_accuracy", "mean_class_accuracy", "majority_baseline"):
-            writer.add_scalar(f"predictions/{key}", metrics[key], 0)
-        path = out / "figures" / "accuracy_per_class.png"
-        plots.save_figure(plots.accuracy_figure(per_class, metrics["accuracy"], metrics["majority_baseline"]), path,
-                          writer, "predictions/accuracy_per_class")
-        metrics["figures"] = [str(path)]
-    finally:
-        writer.close()
-    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    metrics["figures"] = predictions_figure(metrics, out)
     log(f"masked-patch token accuracy {metrics['accuracy']:.2%} (top-5 {metrics['top5_accuracy']:.2%}, most frequent "
-        f"id {metrics['majority_baseline']:.2%}) over {n} patches; metrics written to {out / 'metrics.json'}")
+        f"id {metrics['majority_baseline']:.2%}) over {n} patches")
+    write_metrics(out, metrics, log)
     return metrics
 
 

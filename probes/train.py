@@ -1,19 +1,19 @@
-"""The supervised epoch loop shared by the linear probe and fine-tuning: per-step warmup + cosine lr (times each
-group's `lr_scale`, for layer-wise decay), gradient accumulation and clipping, bf16 autocast as `precision` says,
-validation with top-1 / top-5, TensorBoard and log lines."""
+"""The supervised training of the linear probe and fine-tuning: the shared loop (mimkit.loop: warmup + cosine lr
+per step times each group's `lr_scale` for layer-wise decay, accumulation, clipping, autocast as `precision`
+says, the NaN/Inf policy), validation with top-1 / top-5, TensorBoard and log lines."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from timm.utils import accuracy
 from torch import nn
 
 from mimkit.dist import autocast
-from mimkit.engine import NonFiniteLossError, backward_step, effective_lr, lr_at, set_lr
+from mimkit.loop import Loop, train_one_epoch
 
-if TYPE_CHECKING:
-    from .run import ProbeRun
+from .context import ProbeRun
+
 
 
 @torch.no_grad()
@@ -33,42 +33,36 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device, precisio
 
 
 def fit(model: nn.Module, optimizer: torch.optim.Optimizer, batches: Callable[[int], Iterable], steps_per_epoch: int,
-        loss_fn: Callable, validate: Callable[[], dict], run: "ProbeRun", eval_every: int = 1,
+        loss_fn: Callable, validate: Callable[[], dict], run: ProbeRun, eval_every: int = 1,
         on_eval: Callable[[int, dict], None] | None = None) -> list[dict]:
-    """Train `model` on `batches(epoch)` of (inputs, labels) with loss_fn(inputs, labels) for run.cfg.epochs;
-    validate every `eval_every` epochs and at the end, calling on_eval(epoch, accuracies). Returns the history."""
+    """Train `model` on `batches(epoch)` of (inputs, labels) with loss_fn(inputs, labels) for run.cfg.epochs in the
+    shared loop (mimkit.loop); validate every `eval_every` epochs and at the end, calling on_eval(epoch,
+    accuracies). Returns the history."""
     cfg, device = run.cfg, run.device
-    base_lr, history, step, lr = effective_lr(cfg), [], 0, 0.0
+    # no checkpoint to resume from: a non-finite loss stops before the step, the weights (and best.pt) stay finite
+    loop = Loop(cfg, model, optimizer, device, steps_per_epoch, run.log, writer=run.writer,
+                hint="; lower optim.blr or set optim.clip_grad")
+
+    def forward(batch):
+        x, y = batch
+        return {"loss": loss_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))}
+
     for epoch in range(cfg.epochs):
         model.train()
-        loss_sum, n = 0.0, 0
-        optimizer.zero_grad(set_to_none=True)
-        for it, (x, y) in enumerate(batches(epoch)):
-            if it % cfg.accum_iter == 0:
-                lr = lr_at(epoch + it / steps_per_epoch, cfg, base_lr)
-                set_lr(optimizer, lr)
-            with autocast(device, cfg.precision):
-                loss = loss_fn(x.to(device, non_blocking=True), y.to(device, non_blocking=True))
-            if not torch.isfinite(loss):  # before the step: the weights (and any best.pt) stay finite
-                raise NonFiniteLossError(f"non-finite probe loss ({loss.item()}) at step {step} (epoch {epoch + 1}); "
-                                         f"lower optim.blr or set optim.clip_grad")
-            if backward_step(loss, it, model, optimizer, cfg.accum_iter, cfg.optim.clip_grad):
-                step += 1
-                run.writer.add_scalar("train/lr", lr, step)
-            loss_sum, n = loss_sum + loss.item(), n + 1
-        entry = {"epoch": epoch + 1, "loss": loss_sum / max(n, 1)}
-        run.writer.add_scalar("train/loss", entry["loss"], epoch + 1)
+        record = train_one_epoch(loop, batches(epoch), epoch, forward)
+        entry = {"epoch": epoch + 1, "loss": record["loss"]}
+        run.writer.add_scalar("epoch/loss", entry["loss"], epoch + 1)
         if (epoch + 1) % eval_every == 0 or epoch + 1 == cfg.epochs:
             entry.update(validate())
             run.writer.add_scalar("test/top1", entry["top1"], epoch + 1)
             run.writer.add_scalar("test/top5", entry["top5"], epoch + 1)
             if on_eval is not None:
                 on_eval(epoch + 1, entry)
-        history.append(entry)
+        loop.history.append(entry)
         if "top1" in entry and ((epoch + 1) % max(eval_every, 10) == 0 or epoch + 1 == cfg.epochs or cfg.epochs <= 10):
-            run.log(f"epoch {epoch + 1}/{cfg.epochs} loss {entry['loss']:.4f} lr {lr:.3g} "
+            run.log(f"epoch {epoch + 1}/{cfg.epochs} loss {entry['loss']:.4f} lr {loop.lr:.3g} "
                     f"top-1 {entry['top1']:.2f}% top-5 {entry['top5']:.2f}%")
-    return history
+    return loop.history
 
 
 def summarize(history: list[dict]) -> dict:

@@ -15,7 +15,7 @@ needs_cifar10 = pytest.mark.skipif(not (CIFAR10 / "train").is_dir(),
 
 def make_cfg(tmp_path, *overrides: str):
     """A pretraining config on the synthetic dataset (tiny ViT), output under tmp_path."""
-    from mimkit.cli import pretrain_config
+    from mimkit.methods import pretrain_config
     return pretrain_config([], ["data.name=synthetic", f"output_dir={tmp_path / 'run'}", *overrides])
 
 

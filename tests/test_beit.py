@@ -27,6 +27,11 @@ def tokenizer_files(tmp_path_factory):
     return {"beit": out / "dvae.pt", "beitv2": out / "vqkd.pt"}
 
 
+def linear(head, x):
+    """The head's linear map on any tokens (the head itself takes the encoder's tokens and the mask)."""
+    return F.linear(x, head.weight, head.bias)
+
+
 def batch(cfg, n=3):
     gen = build_mask_generator(cfg.mask, 4, cfg.model.patch_size)
     mask = torch.stack([gen(torch.Generator().manual_seed(i)) for i in range(n)])
@@ -34,7 +39,7 @@ def batch(cfg, n=3):
 
 
 def test_beit_recipe_and_block_mask(cfg_factory, tokenizer_files):
-    cfg = cfg_factory("method=beit", f"target.tokenizer={tokenizer_files['beit']}")
+    cfg = cfg_factory("method=beit", f"target.tokens.tokenizer={tokenizer_files['beit']}")
     assert (cfg.mask.kind, cfg.mask.ratio, cfg.model.layer_scale, cfg.optim.clip_grad) == ("block", 0.4, 0.1, 3.0)
     assert tuple(cfg.optim.betas) == (0.9, 0.98)
     _, mask = batch(cfg)
@@ -42,13 +47,13 @@ def test_beit_recipe_and_block_mask(cfg_factory, tokenizer_files):
 
 
 def test_beit_loss_is_ce_over_vocabulary_on_masked_positions(cfg_factory, tokenizer_files):
-    model = build_method(cfg_factory("method=beit", f"target.tokenizer={tokenizer_files['beit']}")).eval()
+    model = build_method(cfg_factory("method=beit", f"target.tokens.tokenizer={tokenizer_files['beit']}")).eval()
     imgs, mask = batch(model.cfg)
     out = model(imgs, mask)
     # reference: dVAE ids of the half-resolution copy; the head over the vocabulary on masked tokens only
-    dvae = model.tokenizer.tokenizer
+    dvae = model.target.tokenizer
     ids = dvae.logits(F.interpolate(imgs, size=(8, 8), mode="bilinear", antialias=True)).argmax(1).flatten(1)
-    logits = model.head(model.encoder(imgs, mask, mode="token")[:, 1:])
+    logits = linear(model.head, model.encoder(imgs, mask, mode="token")[:, 1:])
     assert logits.shape == (3, 16, 64)
     assert out["loss"].item() == pytest.approx(F.cross_entropy(logits[mask], ids[mask]).item(), rel=1e-5)
     assert out["acc"].item() == pytest.approx((logits[mask].argmax(-1) == ids[mask]).float().mean().item())
@@ -56,12 +61,12 @@ def test_beit_loss_is_ce_over_vocabulary_on_masked_positions(cfg_factory, tokeni
 
 
 def test_beitv2_loss_is_main_plus_auxiliary_ce(cfg_factory, tokenizer_files):
-    cfg = cfg_factory("method=beitv2", f"target.tokenizer={tokenizer_files['beitv2']}", "model.depth=4")
+    cfg = cfg_factory("method=beitv2", f"target.tokens.tokenizer={tokenizer_files['beitv2']}", "model.depth=4")
     model = build_method(cfg).eval()
     assert model.aux_layer == 2 and len(model.aux_blocks) == 2
     imgs, mask = batch(cfg)
     out = model(imgs, mask)
-    vq = model.tokenizer.tokenizer
+    vq = model.target.tokenizer
     ids = (vq.codes(imgs) @ vq.quantizer.codebook.T).argmax(-1)
     # by hand: run the blocks, keep block 2's output (1-based) and the last block's raw CLS
     enc = model.encoder
@@ -70,30 +75,30 @@ def test_beitv2_loss_is_main_plus_auxiliary_ce(cfg_factory, tokenizer_files):
         x = blk(x)
         if i == 1:
             middle = x
-    main = F.cross_entropy(model.head(enc.norm(x)[:, 1:][mask]), ids[mask])
+    main = F.cross_entropy(linear(model.head, enc.norm(x)[:, 1:][mask]), ids[mask])
     y = torch.cat([x[:, :1], middle[:, 1:]], dim=1)
     for blk in model.aux_blocks:
         y = blk(y)
-    aux = F.cross_entropy(model.head(enc.norm(y)[:, 1:][mask]), ids[mask])
+    aux = F.cross_entropy(linear(model.head, enc.norm(y)[:, 1:][mask]), ids[mask])
     assert out["main_loss"].item() == pytest.approx(main.item(), rel=1e-5)
     assert out["aux_loss"].item() == pytest.approx(aux.item(), rel=1e-5)
     assert out["loss"].item() == pytest.approx((main + aux).item(), rel=1e-5)
-    with pytest.raises(ConfigError, match="model.aux_layer"):
-        build_method(cfg_factory("method=beitv2", f"target.tokenizer={tokenizer_files['beitv2']}",
-                                 "model.depth=2", "model.aux_layer=3"))
+    with pytest.raises(ConfigError, match="beitv2.aux_layer"):
+        build_method(cfg_factory("method=beitv2", f"target.tokens.tokenizer={tokenizer_files['beitv2']}",
+                                 "model.depth=2", "beitv2.aux_layer=3"))
 
 
 @pytest.mark.parametrize("method", ["beit", "beitv2"])
 def test_short_run_loss_falls(cfg_factory, tokenizer_files, method):
     # lr 3.75e-4: the recipe's 1.5e-3 per 2048 images would barely move in 64 steps of 32 images
-    m = engine.train(cfg_factory(f"method={method}", f"target.tokenizer={tokenizer_files[method]}", "epochs=4",
+    m = engine.train(cfg_factory(f"method={method}", f"target.tokens.tokenizer={tokenizer_files[method]}", "epochs=4",
                                  "optim.blr=3e-3", "optim.lr_batch_ref=256"))
     assert m["final_loss"] < 0.9 * m["first_loss"], m["loss_history"]
     assert m["final_acc"] > 1 / 64  # above chance over the 64 ids
 
 
 def test_hits_panel_tints_masked_patches_by_correctness():
-    from mimkit.beit import hits_panel
+    from mimkit.targets.tokens import hits_panel
     imgs = torch.full((1, 3, 4, 4), 0.5)  # synthetic stats (0.5, 0.25): pixels of value 0.625
     mask = torch.tensor([[True, True, False, False]])
     hits = torch.tensor([[True, False, True, False]])

@@ -5,9 +5,10 @@ import torch.nn.functional as F
 
 from mimkit import engine
 from mimkit.config import ConfigError
+from mimkit.loop import build_optimizer
 from mimkit.masking import RandomMask
 from mimkit.methods import build_method
-from mimkit.targets import patchify
+from mimkit.images import patchify
 from mimkit.tokenizers.config import tokenizer_config
 from mimkit.tokenizers.train import train_tokenizer
 
@@ -28,12 +29,12 @@ def masks(n, grid=4, ratio=0.75):
 
 
 def test_loss_is_ce_against_nearest_centre_on_masked_patches(cfg_factory, kmeans_file):
-    model = build_method(cfg_factory("method=clustermim", f"target.tokenizer={kmeans_file}")).eval()
+    model = build_method(cfg_factory("method=clustermim", f"target.tokens.tokenizer={kmeans_file}")).eval()
     imgs, mask = torch.randn(3, 3, 16, 16), masks(3)
     out = model(imgs, mask)
     # reference: the id of each patch is its nearest centre in the tokenizer's normalization (synthetic stats
     # are the tokenizer's own here), CE averaged over masked patches only
-    centres = model.tokenizer.tokenizer.centroids
+    centres = model.target.tokenizer.centroids
     ids = torch.cdist(patchify(imgs, 4), centres.expand(3, -1, -1)).argmin(-1)
     logits = out["pred"]
     assert logits.shape == (3, 16, 16)
@@ -43,23 +44,23 @@ def test_loss_is_ce_against_nearest_centre_on_masked_patches(cfg_factory, kmeans
 
 
 def test_tokenizer_stays_out_of_optimizer_and_checkpoint(cfg_factory, kmeans_file):
-    cfg = cfg_factory("method=clustermim", f"target.tokenizer={kmeans_file}")
+    cfg = cfg_factory("method=clustermim", f"target.tokens.tokenizer={kmeans_file}")
     model = build_method(cfg)
     assert not any("centroids" in k or "tokenizer" in k for k in model.state_dict())
-    opt = engine.build_optimizer(model, cfg, torch.device("cpu"))
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
     n_opt = sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert n_opt == sum(p.numel() for p in model.parameters())
     model.train()
-    assert not model.tokenizer.tokenizer.training
+    assert not model.target.tokenizer.training
 
 
 def test_grid_mismatch_stops_before_training(cfg_factory, kmeans_file):
-    cfg = cfg_factory("method=clustermim", f"target.tokenizer={kmeans_file}", "model.patch_size=2")
+    cfg = cfg_factory("method=clustermim", f"target.tokens.tokenizer={kmeans_file}", "model.patch_size=2")
     with pytest.raises(ConfigError, match="4x4 token grid but the encoder has 8x8"):
         engine.train(cfg)
 
 
 def test_short_run_loss_falls(cfg_factory, kmeans_file):
-    m = engine.train(cfg_factory("method=clustermim", f"target.tokenizer={kmeans_file}", "epochs=4"))
+    m = engine.train(cfg_factory("method=clustermim", f"target.tokens.tokenizer={kmeans_file}", "epochs=4"))
     assert m["final_loss"] < 0.85 * m["first_loss"], m["loss_history"]
     assert m["final_acc"] > 1 / 16  # above chance on masked patches

@@ -3,8 +3,9 @@ import sys
 
 import pytest
 
-from mimkit.cli import main, pretrain_config
-from mimkit.config import Config, ConfigError, diff, from_dict, to_dict, validate
+from mimkit.cli import main
+from mimkit.config import ConfigError, diff, from_dict, to_dict
+from mimkit.methods import config_class, pretrain_config, validate
 
 from conftest import REPO
 
@@ -12,7 +13,7 @@ from conftest import REPO
 def test_defaults_are_the_digits_mae_job():
     cfg = pretrain_config([], [])
     assert (cfg.method, cfg.data.name, cfg.data.img_size, cfg.model.patch_size) == ("mae", "digits", 8, 2)
-    assert cfg.target.norm_pix is False  # near-constant 8x8 patches: raw pixels (see DATA_PRESETS)
+    assert cfg.target.pixels.norm_pix is False  # near-constant 8x8 patches: raw pixels (see DATA_PRESETS)
     assert cfg.mask.ratio == 0.5 and cfg.optim.betas == (0.9, 0.95)  # 4x4 grid: see DATA_PRESETS
     assert pretrain_config([], ["data.name=cifar10"]).mask.ratio == 0.75  # MAE's recipe elsewhere
 
@@ -29,7 +30,7 @@ def test_layers_recipe_then_preset_then_file_then_overrides(tmp_path):
 def test_imagefolder_gets_the_official_vit_b16_recipe():
     cfg = pretrain_config([], ["data.name=imagefolder", "data.root=/x"])
     assert (cfg.data.img_size, cfg.model.patch_size, cfg.model.resolved()["embed_dim"]) == (224, 16, 768)
-    assert (cfg.model.decoder_depth, cfg.model.decoder_embed_dim, cfg.target.norm_pix) == (8, 512, True)
+    assert (cfg.decoder.depth, cfg.decoder.embed_dim, cfg.target.pixels.norm_pix) == (8, 512, True)
 
 
 @pytest.mark.parametrize("override, words", [
@@ -78,10 +79,38 @@ def test_yaml_errors(tmp_path):
 
 def test_round_trip_and_diff():
     cfg = pretrain_config([], ["optim.blr=0.01"])
-    again = from_dict(Config, to_dict(cfg))
+    again = from_dict(config_class(), to_dict(cfg))
     assert diff(cfg, again) == []
     again.optim.blr = 0.02
     assert diff(cfg, again) == ["optim.blr"]
+
+
+@pytest.mark.parametrize("old, new", [("target.norm_pix=true", "target.pixels.norm_pix"),
+                                      ("model.decoder_depth=2", "decoder.depth"),
+                                      ("target.tokenizer=x.pt", "target.tokens.tokenizer"),
+                                      ("model.aux_layer=3", "beitv2.aux_layer")])
+def test_renamed_keys_name_their_new_key(old, new):
+    with pytest.raises(ConfigError, match=f"did you mean {new}"):
+        pretrain_config([], [old])
+
+
+def test_a_config_stored_under_old_key_names_still_reads():
+    cfg = pretrain_config([], ["method=clustermim", "target.tokens.tokenizer=t.pt", "decoder.depth=3"])
+    old = to_dict(cfg)
+    old["target"] = {"kind": "tokens", "tokenizer": "t.pt", "norm_pix": False}  # how 0.1 sessions stored it
+    old["model"]["decoder_depth"] = old.pop("decoder")["depth"]
+    again = from_dict(config_class(), old)
+    assert again.target.tokens.tokenizer == "t.pt" and again.decoder.depth == 3
+
+
+def test_each_value_is_set_in_one_layer():
+    """The MAE recipe names its parts; its values are the dataclass defaults (not restated), and the digits
+    preset, not the shipped YAML, sets the 4x4 grid's mask ratio."""
+    from mimkit.methods import MAE
+    assert "mask.ratio" not in MAE.recipe and "optim.blr" not in MAE.recipe
+    assert {"head", "target.kind", "loss", "mask.kind"} <= set(MAE.recipe)
+    assert pretrain_config([str(REPO / "configs/pretrain/mae_digits.yaml")], []) == pretrain_config([], [])
+    assert "mask" not in (REPO / "configs/pretrain/mae_digits.yaml").read_text()
 
 
 def test_cli_error_is_one_line_exit_2(capsys):

@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from mimkit.config import DataConfig
+from mimkit.data import DataConfig
 from mimkit.data import (DataError, EpochSampler, MaskedImages, build_dataset, eval_transform, limited_indices,
                          pretrain_transform)
 from mimkit.masking import RandomMask

@@ -26,7 +26,7 @@ WORKER = textwrap.dedent("""
     import sys
     import torch
     from mimkit import data, dist, engine
-    from mimkit.cli import pretrain_config
+    from mimkit.methods import pretrain_config
 
     base, common = sys.argv[1], sys.argv[2:]
     cfg = lambda name, *o: pretrain_config([], ["data.name=synthetic", f"output_dir={base}/{name}", *common, *o])

@@ -9,7 +9,8 @@ from mimkit.cli import main
 from mimkit.engine import save_checkpoint
 from mimkit.methods import build_method
 from mimkit.probes.export import export_state_dict, timm_kwargs, timm_recipe, to_timm
-from mimkit.probes.features import encode, load_encoder
+from mimkit.encoders import load_encoder
+from mimkit.probes.features import encode
 from mimkit.vit import ViT
 
 

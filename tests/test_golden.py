@@ -159,7 +159,7 @@ def test_tokenizer_files(golden, tokenizers, kind):
 @pytest.mark.parametrize("method,kind", [("beit", "dvae"), ("beitv2", "vqkd"), ("clustermim", "kmeans")])
 def test_token_methods(golden, runs, tokenizers, method, kind):
     check(golden, method, pretrain(runs, method, f"method={method}",
-                                   f"target.tokenizer={tokenizers[kind] / 'tokenizer.pt'}"))
+                                   f"target.tokens.tokenizer={tokenizers[kind] / 'tokenizer.pt'}"))
 
 
 def test_knn_probe(golden, runs, mae_run):

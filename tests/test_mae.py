@@ -2,8 +2,9 @@ import pytest
 import torch
 
 from mimkit.masking import RandomMask
-from mimkit.methods import MAE, masked_mean
-from mimkit.targets import patchify, pixel_target, unpatchify
+from mimkit.losses import masked_mean
+from mimkit.methods import MAE
+from mimkit.images import patchify, pixel_target, unpatchify
 from mimkit.vit import ViT
 
 
@@ -39,7 +40,7 @@ def test_norm_pix_target_by_hand():
 
 @pytest.mark.parametrize("norm_pix", [False, True])
 def test_mae_loss_matches_formula(cfg_factory, norm_pix):
-    cfg = cfg_factory(f"target.norm_pix={norm_pix}")
+    cfg = cfg_factory(f"target.pixels.norm_pix={norm_pix}")
     model = MAE(cfg).eval()
     imgs = torch.randn(3, 3, 16, 16)
     gen = RandomMask(4, 0.75)

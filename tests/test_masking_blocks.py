@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from mimkit.config import ConfigError, MaskConfig
+from mimkit.config import ConfigError
+from mimkit.masking import MaskConfig
 from mimkit.masking import BlockMask, GridMask, RandomMask, build_mask_generator
 
 

@@ -63,7 +63,7 @@ def test_linear_probe_cli_both_modes(ckpt, tmp_path):
 
 def test_finetune_cli_keeps_best_checkpoint(ckpt, tmp_path):
     out = tmp_path / "ft"
-    m = probe("finetune", ckpt, out, "epochs=2", "data.limit=128", "test_limit=32")
+    m = probe("finetune", ckpt, out, "epochs=2", "data.limit=128", "data.test_limit=32")
     check_run_dir(out)
     best = load(out / "checkpoints" / "best.pt", "finetune")
     assert best["top1"] == m["top1"] == max(h["top1"] for h in m["history"])
@@ -76,7 +76,7 @@ def test_finetune_cli_keeps_best_checkpoint(ckpt, tmp_path):
 
 def test_existing_output_needs_overwrite_for_another_config(ckpt, tmp_path, capsys):
     out = tmp_path / "k"
-    args = ["probe", "knn", "--checkpoint", str(ckpt), f"output_dir={out}", "data.limit=64", "test_limit=32"]
+    args = ["probe", "knn", "--checkpoint", str(ckpt), f"output_dir={out}", "data.limit=64", "data.test_limit=32"]
     probe("knn", ckpt, out, *args[4:])
     assert main([*args, "knn.k=10"]) == 2  # another config: refused
     assert "knn.k" in capsys.readouterr().err and json.loads((out / "metrics.json").read_text())["k"] == 20
@@ -132,5 +132,5 @@ def test_finetune_precision_bf16_reaches_the_model_and_its_loop(ckpt, tmp_path, 
         return model
 
     monkeypatch.setattr(finetune, "place_model", spy)
-    probe("finetune", ckpt, tmp_path / "ft", "epochs=1", "data.limit=64", "test_limit=32", "precision=bf16")
+    probe("finetune", ckpt, tmp_path / "ft", "epochs=1", "data.limit=64", "data.test_limit=32", "precision=bf16")
     assert seen and set(a for a, _ in seen) == {True} and all(f == {False} for _, f in seen)

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from mimkit.encoders import load_encoder
 from mimkit.probes import features as feats_mod
 from mimkit.probes.config import probe_config
 from mimkit.probes.features import split_features
@@ -140,20 +141,21 @@ def test_linear_probe_on_separable_features_reaches_100(tmp_path):
 
 
 def test_linear_probe_stops_on_a_nonfinite_loss():
-    from mimkit.engine import NonFiniteLossError
+    from mimkit.loop import NonFiniteLossError
     x, y = torch.randn(64, 8), torch.arange(64) % 4
     x[5, 0] = float("nan")  # one poisoned feature vector
     cfg = probe_config("linear", overrides=["data.name=synthetic", "checkpoint=x.pt", "epochs=2", "batch_size=16"])
     run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), writer=NullWriter(), log=lambda m: None,
                           num_classes=4, features=lambda split: (x, y), save=lambda *a: None)
-    with pytest.raises(NonFiniteLossError, match=r"step \d+ \(epoch 1\)"):
+    with pytest.raises(NonFiniteLossError, match=r"step \d+ \(epoch 1, iteration \d+\); lower optim.blr"):
         run_linear(run)
 
 
 @pytest.fixture
 def ckpt(cfg_factory, tmp_path):
     """A pretraining checkpoint as the engine writes it (untrained: only the format matters here)."""
-    from mimkit.engine import build_optimizer, save_checkpoint
+    from mimkit.engine import save_checkpoint
+    from mimkit.loop import build_optimizer
     from mimkit.methods import build_method
     cfg = cfg_factory()
     model = build_method(cfg)
@@ -163,7 +165,7 @@ def ckpt(cfg_factory, tmp_path):
 
 
 def test_feature_cache_hit_and_miss(ckpt, tmp_path, monkeypatch):
-    encoder, pcfg, _ = feats_mod.load_encoder(ckpt)
+    encoder, pcfg, _ = load_encoder(ckpt)
     calls = []
     real = feats_mod.extract
     monkeypatch.setattr(feats_mod, "extract", lambda *a, **k: calls.append(1) or real(*a, **k))
@@ -188,7 +190,7 @@ def test_feature_cache_hit_and_miss(ckpt, tmp_path, monkeypatch):
 
 
 def test_layer_features_are_block_outputs(ckpt):
-    encoder, pcfg, _ = feats_mod.load_encoder(ckpt)
+    encoder, pcfg, _ = load_encoder(ckpt)
     x = torch.randn(3, 3, pcfg.data.img_size, pcfg.data.img_size)
     encoder.eval()
     with torch.no_grad():
@@ -198,11 +200,14 @@ def test_layer_features_are_block_outputs(ckpt):
         assert torch.allclose(feats_mod.encode(encoder, x, "cls"), encoder(x)[:, 0])
 
 
-def test_engine_knn_probe_reports_both_encoders(ckpt):
-    from mimkit.engine import knn_probe
-    encoder, pcfg, _ = feats_mod.load_encoder(ckpt)
-    pcfg.probe.limit = 64
-    out = knn_probe(encoder, pcfg, torch.device("cpu"), log=lambda m: None)
+def test_closing_knn_probe_reports_both_encoders(cfg_factory):
+    """What `mimkit pretrain` runs at the end (from the CLI layer): both encoders, on data.limit / data.test_limit."""
+    from mimkit.methods import build_method
+    from mimkit.probes.knn import closing_probe
+    cfg = cfg_factory("data.limit=64", "data.test_limit=32")
+    assert closing_probe(build_method(cfg), cfg, torch.device("cpu")) == {}  # probe.enabled=false (synthetic preset)
+    cfg.probe.enabled = True
+    out = closing_probe(build_method(cfg), cfg, torch.device("cpu"), log=lambda m: None)["knn"]
     for name in ("pretrained", "random_init"):
         assert {f"top1_k{k}" for k in (10, 20, 100, 200)} <= set(out[name])
     assert out["gain_points"] == pytest.approx(out["pretrained"]["top1_k20"] - out["random_init"]["top1_k20"])

@@ -165,7 +165,7 @@ def test_analyze_tokens_cli_end_to_end(tmp_path, capsys):
     a, b = kmeans_file(tmp_path / "a.pt", 8, 0), kmeans_file(tmp_path / "b.pt", 32, 1)
     out = tmp_path / "analysis"
     assert main(["analyze", "tokens", "--tokenizer", f"small={a}", "data.name=synthetic", "--out", str(out),
-                 "--tokenizer", b, "limit=64", "figures.gallery_tokens=4"]) == 0
+                 "--tokenizer", b, "data.test_limit=64", "figures.gallery_tokens=4"]) == 0
     for name in ("config.yaml", "metrics.json", "log.txt", "table.md"):
         assert (out / name).is_file(), name
     assert any((out / "tb").iterdir())
@@ -200,14 +200,14 @@ def test_a_bad_tokenizer_path_exits_2_with_one_line(tmp_path, capsys):
 def pretrained(tmp_path_factory):
     """Random-init clustermim and beit models on synthetic data with a k-means target, saved as checkpoints."""
     from mimkit import checkpoint
-    from mimkit.cli import pretrain_config
+    from mimkit.methods import pretrain_config
     from mimkit.config import to_dict
     from mimkit.methods import build_method
     root = tmp_path_factory.mktemp("pred")
     tok = kmeans_file(root / "tok.pt", 8, 0)
     out = {}
     for method in ("clustermim", "beit"):
-        cfg = pretrain_config([], ["data.name=synthetic", f"method={method}", f"target.tokenizer={tok}",
+        cfg = pretrain_config([], ["data.name=synthetic", f"method={method}", f"target.tokens.tokenizer={tok}",
                                    f"output_dir={root / method}"])
         torch.manual_seed(0)
         model = build_method(cfg).eval()
@@ -226,14 +226,14 @@ def test_predicted_token_logits_agree_with_the_methods_own_accuracy(pretrained, 
     with torch.no_grad():
         logits = sem.masked_token_logits(model, imgs, mask)
         ref = model(imgs, mask)["acc"]
-        target = model.tokenizer(imgs)[mask]
+        target = model.target(imgs)[mask]
     assert logits.shape == (6 * 8, 8)
     assert (logits.argmax(-1) == target).float().mean().item() == pytest.approx(ref.item())
 
 
 def test_analyze_predictions_cli_end_to_end(pretrained, tmp_path, capsys):
     from mimkit import checkpoint
-    from mimkit.cli import pretrain_config
+    from mimkit.methods import pretrain_config
     from mimkit.config import to_dict
     from mimkit.methods import build_method
     from mimkit.data import EpochSampler, MaskedImages, build_dataset, eval_transform
@@ -241,7 +241,7 @@ def test_analyze_predictions_cli_end_to_end(pretrained, tmp_path, capsys):
     tok, models = pretrained
     model, cfg, path = models["clustermim"]
     out = tmp_path / "pred"
-    assert main(["analyze", "predictions", "--checkpoint", path, "--tokenizer", tok, "limit=40", "batch_size=16",
+    assert main(["analyze", "predictions", "--checkpoint", path, "--tokenizer", tok, "data.test_limit=40", "batch_size=16",
                  "--out", str(out)]) == 0
     m = json.loads((out / "metrics.json").read_text())
     assert (out / "config.yaml").is_file() and (out / "log.txt").is_file() and any((out / "tb").iterdir())

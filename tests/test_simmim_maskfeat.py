@@ -5,14 +5,15 @@ import pytest
 import torch
 
 from mimkit import engine
-from mimkit.cli import pretrain_config
-from mimkit.config import ConfigError, validate
+from mimkit.methods import pretrain_config
+from mimkit.config import ConfigError
+from mimkit.methods import validate
 from mimkit.engine import train
 from mimkit.hog import HOG
 from mimkit.masking import BlockMask, GridMask, build_mask_generator
-from mimkit.maskfeat import MaskFeat
-from mimkit.simmim import SimMIM
-from mimkit.targets import unpatchify
+from mimkit.methods import MaskFeat
+from mimkit.methods import SimMIM
+from mimkit.images import unpatchify
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -72,11 +73,11 @@ def test_maskfeat_mse_on_masked_hog_by_hand(cfg_factory):
 
 
 def test_maskfeat_config_checks(cfg_factory):
-    with pytest.raises(ConfigError, match="hog_cells_per_patch"):
-        MaskFeat(cfg_factory("method=maskfeat", "target.hog_cells_per_patch=3"))
-    model = MaskFeat(cfg_factory("method=maskfeat", "target.hog_cells_per_patch=1", "target.hog_gradient=central",
-                                 "target.hog_gaussian=true"))
-    assert model.head.out_features == 27 and model.hog.cell == 4 and model.hog.window == 4
+    with pytest.raises(ConfigError, match="target.hog.cells_per_patch"):
+        MaskFeat(cfg_factory("method=maskfeat", "target.hog.cells_per_patch=3"))
+    model = MaskFeat(cfg_factory("method=maskfeat", "target.hog.cells_per_patch=1", "target.hog.gradient=central",
+                                 "target.hog.gaussian=true"))
+    assert model.head.out_features == 27 and model.target.hog.cell == 4 and model.target.hog.window == 4
     assert not any(k.startswith("hog.") for k in model.state_dict())
 
 
@@ -94,7 +95,7 @@ def test_recipes_are_applied():
 @pytest.mark.parametrize("path", sorted(p.name for p in (REPO / "configs" / "pretrain").glob("*.yaml")
                                         if p.name.startswith(("simmim", "maskfeat"))))
 def test_shipped_configs_build(path):
-    cfg = pretrain_config([str(REPO / "configs" / "pretrain" / path)], [])
+    cfg = pretrain_config([str(REPO / "configs" / "pretrain" / path)], ["data.root=/x"])
     assert cfg.method == path.split("_")[0]
     validate(cfg)
     grid = cfg.data.img_size // cfg.model.patch_size
@@ -118,9 +119,10 @@ def test_panels(cfg_factory):
         cfg = cfg_factory(f"method={method}")
         model = cls(cfg).eval()
         mask = masks(build_mask_generator(cfg.mask, 4, 4), 4)
-        panel = model.visualize(imgs, mask, "synthetic")
+        panel = model.visualize(imgs, mask)
         assert 0 <= panel.min() and panel.max() <= 1
         assert panel.shape == (3, rows * 66 + 2, 4 * 66 + 2)  # rows of 4 tiles of 64 px (+2 px padding)
-    rec = SimMIM(cfg_factory("method=simmim")).reconstruct(imgs, mask)
+    model = SimMIM(cfg_factory("method=simmim")).eval()
+    rec = model.target.reconstruct(imgs, mask, model.predict(imgs, mask))
     visible = ~mask.view(4, 1, 4, 4).repeat_interleave(4, 2).repeat_interleave(4, 3).expand(-1, 3, -1, -1)
     assert torch.equal(rec[visible], imgs[visible])  # visible pixels pasted back

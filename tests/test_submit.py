@@ -44,10 +44,10 @@ def jobs(tmp_path_factory):
     os.environ["OMP_NUM_THREADS"] = "1"  # the jobs inherit it: two jobs share two cores
     try:
         opts, argv = parse("pretrain", "--executor", "local", "--gpus-per-node", "0", *RUN, f"output_dir={base / 'full'}")
-        full, _ = submit.submit(argv, opts)
+        full, _ = submit.submit(argv, opts, build_parser(), main)
         opts, argv = parse("--executor", "local", "pretrain", *RUN, f"output_dir={base / 'preempted'}",
                            "--gpus-per-node", "0")
-        preempted, _ = submit.submit(argv, opts)
+        preempted, _ = submit.submit(argv, opts, build_parser(), main)
     finally:
         os.environ.pop("OMP_NUM_THREADS") if old is None else os.environ.update(OMP_NUM_THREADS=old)
     try:
@@ -89,14 +89,14 @@ def test_preempted_job_requeues_and_ends_with_the_same_weights(jobs):
 
 
 def test_checkpoint_requeues_with_resume_auto(tmp_path):
-    job = submit.Job(["pretrain"], ["resume=none", "overwrite=true", "epochs=3"], [], str(tmp_path))
+    job = submit.Job(["pretrain"], ["resume=none", "overwrite=true", "epochs=3"], [], str(tmp_path), main)
     again = job.checkpoint().function  # no last.pt yet: start again as the first attempt did
     assert again.argv == ["pretrain", "resume=none", "epochs=3", "overwrite=false"]
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "last.pt").write_bytes(b"")
     again = job.checkpoint().function
     assert isinstance(again, submit.Job) and again.argv[-2:] == ["overwrite=false", "resume=auto"]
-    probe = submit.Job(["probe", "linear", "--checkpoint", "c.pt"], ["epochs=1"], ["/x.yaml"], str(tmp_path))
+    probe = submit.Job(["probe", "linear", "--checkpoint", "c.pt"], ["epochs=1"], ["/x.yaml"], str(tmp_path), main)
     assert probe.checkpoint().function.argv == ["probe", "linear", "--checkpoint", "c.pt", "epochs=1",
                                                 "overwrite=true", "--config", "/x.yaml"]
 
@@ -109,7 +109,7 @@ def test_options_after_the_command_and_config_paths(tmp_path, monkeypatch):
     assert (opts.nodes, opts.gpus_per_node, opts.partition, opts.executor) == (2, 8, "gpu", "slurm")
     assert argv == ["pretrain", "--config", str(cfg), "data.name=synthetic"]
     monkeypatch.chdir(tmp_path)
-    job, prepare = submit.make_job(["pretrain", "--config", "c.yaml", "data.name=synthetic"])
+    job, prepare = submit.make_job(["pretrain", "--config", "c.yaml", "data.name=synthetic"], build_parser(), main)
     out = tmp_path.resolve() / "runs" / "mae_synthetic"
     assert job.configs == [str(cfg.resolve())] and f"output_dir={out}" in job.overrides  # absolute paths
     prepare()
@@ -139,4 +139,4 @@ def test_user_mistakes_are_one_line_errors(tmp_path, monkeypatch, capsys):
     assert "--executor local runs on this machine only" in capsys.readouterr().err
     assert not out.exists()  # nothing written for a job that was not submitted
     with pytest.raises(ConfigError, match="optim.bllr"):
-        submit.make_job(["pretrain", "data.name=synthetic", "optim.bllr=1", f"output_dir={out}"])
+        submit.make_job(["pretrain", "data.name=synthetic", "optim.bllr=1", f"output_dir={out}"], build_parser(), main)

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from mimkit.tokenizers.base import Tokenizer
 from mimkit.tokenizers.config import tokenizer_config
-from mimkit.tokenizers.dvae import DVAE, DVAETraining, from_dalle, kl_uniform, psnr, temperature
+from mimkit.tokenizers.dvae import DVAE, DVAEConfig, DVAETraining, from_dalle, kl_uniform, psnr, temperature
 from mimkit.tokenizers.train import train_tokenizer
 
 
@@ -51,9 +51,8 @@ def test_temperature_kl_and_psnr_by_hand():
 
 
 def test_training_loss_is_recon_plus_warmed_up_kl():
-    from types import SimpleNamespace
     tok = small_dvae()
-    c = SimpleNamespace(tau_start=1.0, tau_end=0.1, tau_anneal=0.5, kl_weight=0.2, kl_warmup=0.4)
+    c = DVAEConfig(tau_start=1.0, tau_end=0.1, tau_anneal=0.5, kl_weight=0.2, kl_warmup=0.4)
     x = torch.randn(2, 3, 8, 8)
     torch.manual_seed(1)
     out = DVAETraining(tok, c).loss(x, progress=0.1)
@@ -85,8 +84,8 @@ def test_dalle_encoder_import(tmp_path):
 
 @pytest.fixture
 def one_thread():
-    """The dVAE's convolutions on 8x8 digits are tiny: two OpenMP threads made this run 3x slower than one
-    (measured), so this test runs on one and restores the setting."""
+    """The dVAE's convolutions on 8x8 digits are tiny: more OpenMP threads only add synchronization, so this
+    test runs on one and restores the setting."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -96,7 +95,7 @@ def one_thread():
 def test_short_training_on_digits_loss_falls_and_codes_are_used(tmp_path, one_thread):
     m = train_tokenizer(tokenizer_config(["configs/tokenizer/dvae_digits.yaml"],
                                          [f"output_dir={tmp_path / 'dvae'}", "epochs=8", "batch_size=32",
-                                          "data.limit=512", "eval_limit=200", "vis_every=8", "dvae.hidden=32"]))
+                                          "data.limit=512", "data.test_limit=200", "vis_every=8", "dvae.hidden=32"]))
     assert m["final_loss"] < 0.8 * m["first_loss"], m["loss_history"]
     assert m["heldout_usage"] >= 0.1, m  # floor: >= 10% of the 256 codes on held-out digits after 128 steps
     assert (tmp_path / "dvae" / "checkpoints" / "last.pt").exists() and m["heldout_psnr"] > 8
@@ -104,7 +103,7 @@ def test_short_training_on_digits_loss_falls_and_codes_are_used(tmp_path, one_th
 
 def test_resume_continues_and_changed_config_is_refused(tmp_path):
     from mimkit.config import ConfigError
-    args = [f"output_dir={tmp_path / 'r'}", "batch_size=32", "data.limit=64", "eval_limit=32", "dvae.hidden=16",
+    args = [f"output_dir={tmp_path / 'r'}", "batch_size=32", "data.limit=64", "data.test_limit=32", "dvae.hidden=16",
             "vis_every=1"]
     first = train_tokenizer(tokenizer_config(["configs/tokenizer/dvae_digits.yaml"], [*args, "epochs=1"]))
     more = train_tokenizer(tokenizer_config(["configs/tokenizer/dvae_digits.yaml"], [*args, "epochs=2"]))
@@ -114,7 +113,7 @@ def test_resume_continues_and_changed_config_is_refused(tmp_path):
 
 
 def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, monkeypatch):
-    from mimkit.engine import NonFiniteLossError
+    from mimkit.loop import NonFiniteLossError
     real, calls = DVAETraining.loss, {"n": 0}
 
     def poisoned(self, imgs, progress):
@@ -127,7 +126,7 @@ def test_nonfinite_loss_stops_naming_step_and_last_good_checkpoint(tmp_path, mon
     monkeypatch.setattr(DVAETraining, "loss", poisoned)
     cfg = tokenizer_config(["configs/tokenizer/dvae_digits.yaml"],
                            [f"output_dir={tmp_path / 'nan'}", "epochs=3", "batch_size=32", "data.limit=64",
-                            "eval_limit=32", "dvae.hidden=16", "ckpt_every=1", "vis_every=10"])
+                            "data.test_limit=32", "dvae.hidden=16", "ckpt.every=1", "vis_every=10"])
     with pytest.raises(NonFiniteLossError, match=r"step 2 .*last good checkpoint: .*last.pt \(epoch 1\)"):
         train_tokenizer(cfg)
     ckpt = torch.load(tmp_path / "nan" / "checkpoints" / "last.pt", weights_only=True)
@@ -142,7 +141,7 @@ def test_precision_bf16_trains_under_bf16_autocast(tmp_path, monkeypatch):
         return real(self, imgs, progress)
 
     monkeypatch.setattr(DVAETraining, "loss", spy)
-    args = [f"output_dir={tmp_path / 'r'}", "batch_size=32", "data.limit=64", "eval_limit=32", "dvae.hidden=16",
+    args = [f"output_dir={tmp_path / 'r'}", "batch_size=32", "data.limit=64", "data.test_limit=32", "dvae.hidden=16",
             "epochs=1", "precision=bf16"]
     m = train_tokenizer(tokenizer_config(["configs/tokenizer/dvae_digits.yaml"], args))
     assert seen == {True} and all(math.isfinite(v) for v in m["loss_history"])

@@ -1,4 +1,4 @@
-"""The tokenizer interface, the file format, teachers and the FAISS k-means tokenizer."""
+"""The tokenizer interface, its registry, the file format, teachers and the FAISS k-means tokenizer."""
 import json
 
 import numpy as np
@@ -7,11 +7,14 @@ import torch
 
 from mimkit import checkpoint
 from mimkit.config import ConfigError, to_dict
-from mimkit.targets import patchify
-from mimkit.tokenizers.base import (FrozenTokenizer, Tokenizer, codebook_stats, load_for_method, renormalize)
-from mimkit.tokenizers.config import tokenizer_config
+from mimkit.data import dataset_stats
+from mimkit.images import patchify, renormalize
+from mimkit.targets import TARGETS, TargetContext
+from mimkit.teachers import load_teacher
+from mimkit.tokenizers import TOKENIZERS
+from mimkit.tokenizers.base import Tokenizer, codebook_stats
+from mimkit.tokenizers.config import config_class, tokenizer_config
 from mimkit.tokenizers.kmeans import KMeansTokenizer, assign, fit_kmeans, inertia
-from mimkit.tokenizers.teachers import load_teacher
 from mimkit.tokenizers.train import train_tokenizer
 
 
@@ -97,13 +100,23 @@ def test_codebook_stats_by_hand():
     assert codebook_stats(torch.arange(8), 8)["perplexity"] == pytest.approx(8.0)
 
 
-def test_frozen_tokenizer_renormalizes_and_stays_out_of_training():
+def tokens_target(path, img_size=16, vocab_size=0):
+    """The `tokens` target of a method with a 4 px patch on digits (whose stats differ from the tokenizer's)."""
+    cls = TARGETS["tokens"]
+    ctx = TargetContext(img_size, 4, "digits", "clustermim")
+    return cls(cls.Config(tokenizer=str(path), vocab_size=vocab_size), ctx)
+
+
+def test_tokens_target_renormalizes_and_stays_out_of_training(tmp_path):
     tok = pixel_tokenizer()
-    frozen = FrozenTokenizer(tok, ((0.0,) * 3, (1.0,) * 3))  # the method's data stats differ from the tokenizer's
+    tok.save(tmp_path / "tok.pt")
+    target = tokens_target(tmp_path / "tok.pt")
+    x = torch.randn(2, 3, 16, 16)  # normalized with the method's data stats (digits), not the tokenizer's
+    (m,), (s,) = (set(v) for v in dataset_stats("digits"))
+    assert torch.equal(target(x), tok.encode((x * s + m - 0.5) / 0.25))
     x01 = torch.rand(2, 3, 16, 16)
-    assert torch.equal(frozen(x01), tok.encode((x01 - 0.5) / 0.25))
     assert torch.allclose(renormalize(x01, ([0.0] * 3, [1.0] * 3), ([0.5] * 3, [0.25] * 3)), (x01 - 0.5) / 0.25)
-    assert not any(p.requires_grad for p in tok.parameters()) and not tok.training
+    assert not any(p.requires_grad for p in target.tokenizer.parameters()) and not target.tokenizer.training
 
 
 def mimkit_checkpoint(cfg_factory, path):
@@ -191,19 +204,20 @@ def test_cli_trains_kmeans_on_digits_with_usage_floor(tmp_path):
 
 
 def test_method_checks_grid_and_vocab_before_training(cfg_factory, tmp_path):
+    from mimkit.methods import build_method
     tok = pixel_tokenizer()
     tok.save(tmp_path / "tok.pt")
-    cfg = cfg_factory("method=clustermim", f"target.tokenizer={tmp_path / 'tok.pt'}")
-    assert load_for_method(cfg, 4).vocab_size == 8
+    cfg = cfg_factory("method=clustermim", f"target.tokens.tokenizer={tmp_path / 'tok.pt'}")
+    assert build_method(cfg).target.out_dim == 8
+    assert tokens_target(tmp_path / "tok.pt").out_dim == 8
     with pytest.raises(ConfigError, match="token grid"):
-        load_for_method(cfg, 8)
-    with pytest.raises(ConfigError, match="target.vocab_size"):
-        load_for_method(cfg_factory("method=clustermim", f"target.tokenizer={tmp_path / 'tok.pt'}",
-                                    "target.vocab_size=16"), 4)
-    with pytest.raises(ConfigError, match="target.tokenizer is required"):
-        load_for_method(cfg_factory("method=clustermim"), 4)
+        tokens_target(tmp_path / "tok.pt", img_size=32)
+    with pytest.raises(ConfigError, match="target.tokens.vocab_size"):
+        tokens_target(tmp_path / "tok.pt", vocab_size=16)
+    with pytest.raises(ConfigError, match="target.tokens.tokenizer is required"):
+        tokens_target("")
     with pytest.raises(ConfigError, match="no such file"):
-        load_for_method(cfg_factory("method=clustermim", "target.tokenizer=missing.pt"), 4)
+        tokens_target(tmp_path / "missing.pt")
 
 
 def test_tokenizer_config_errors(tmp_path):
@@ -218,3 +232,32 @@ def test_tokenizer_config_errors(tmp_path):
         train_tokenizer(tokenizer_config([], ["kind=kmeans", "kmeans.features=teacher", "data.name=digits"]))
     with pytest.raises(ConfigError, match="dvae.input_size"):
         train_tokenizer(tokenizer_config([], ["kind=dvae", "data.name=digits", "dvae.input_size=8"]))
+    with pytest.raises(ConfigError, match="did you mean ckpt.every"):  # the keys every command shares
+        tokenizer_config([], ["ckpt_every=5"])
+    with pytest.raises(ConfigError, match="did you mean data.test_limit"):
+        tokenizer_config([], ["eval_limit=5"])
+
+
+def test_registry_assembles_the_config_from_the_kinds():
+    assert {"kmeans", "dvae", "vqkd"} <= set(TOKENIZERS)
+    cfg = config_class()()
+    assert cfg.kind == "kmeans"  # a run that names no kind fits k-means
+    for kind, cls in TOKENIZERS.items():
+        assert cls.kind == kind and isinstance(getattr(cfg, kind), cls.Config)
+        assert tokenizer_config([], [f"kind={kind}"]).vocab_size == cls.recipe["vocab_size"]
+
+
+def test_unknown_kind_is_one_clear_error(tmp_path, capsys):
+    from mimkit.cli import main
+    assert main(["tokenizer", "train", "kind=nope", f"output_dir={tmp_path / 'never'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "nope" in err[0], err
+    assert all(kind in err[0] for kind in TOKENIZERS), err
+    assert not (tmp_path / "never").exists()
+    # a file whose stored kind no registered class has
+    checkpoint.save({"mimkit": "tokenizer", "kind": "nope", "config": {}, "state": {}}, tmp_path / "nope.pt")
+    with pytest.raises(ConfigError, match="nope.*choose one of: .*kmeans"):
+        Tokenizer.load(tmp_path / "nope.pt")
+    assert main(["tokenizer", "info", str(tmp_path / "nope.pt")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and all(kind in err[0] for kind in TOKENIZERS), err

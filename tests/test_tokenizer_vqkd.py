@@ -8,7 +8,7 @@ from mimkit.config import to_dict
 from mimkit.tokenizers.base import Tokenizer
 from mimkit.tokenizers.config import tokenizer_config
 from mimkit.tokenizers.train import train_tokenizer
-from mimkit.tokenizers.vqkd import VQKD, NormEMAQuantizer, cosine_loss
+from mimkit.tokenizers.vqkd import VQKD, NormEMAQuantizer, codes_used, cosine_loss
 
 
 def unit(*rows):
@@ -92,6 +92,7 @@ def test_encode_shapes_forward_and_round_trip(tmp_path):
     back = Tokenizer.load(tmp_path / "vqkd.pt")
     assert isinstance(back, VQKD) and torch.equal(back.encode(x), enc)
     assert cosine_loss(torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, 2.0]])).item() == pytest.approx(1.0)
+    assert codes_used(torch.tensor([[1, 1, 3], [3, 0, 1]]), 8).item() == 3  # the batch's distinct ids
 
 
 def test_short_training_with_mimkit_teacher_loss_falls_and_codes_are_used(cfg_factory, tmp_path):
@@ -101,7 +102,7 @@ def test_short_training_with_mimkit_teacher_loss_falls_and_codes_are_used(cfg_fa
     checkpoint.save({"mimkit": "pretrain", "model": MAE(cfg).state_dict(), "config": to_dict(cfg)}, tmp_path / "t.pt")
     m = train_tokenizer(tokenizer_config(["configs/tokenizer/vqkd_digits.yaml"], [
         f"teacher.name=mimkit:{tmp_path / 't.pt'}", f"output_dir={tmp_path / 'vqkd'}", "epochs=6", "batch_size=32",
-        "data.limit=512", "eval_limit=200", "vqkd.depth=2", "vqkd.embed_dim=64", "vqkd.decoder_embed_dim=64",
+        "data.limit=512", "data.test_limit=200", "vqkd.depth=2", "vqkd.embed_dim=64", "vqkd.decoder_embed_dim=64",
         "vis_every=6"]))
     assert m["final_loss"] < 0.5 * m["first_loss"], m["loss_history"]
     assert m["heldout_usage"] >= 0.3, m  # floor: 30% of the 256 codes used on held-out digits after 96 steps

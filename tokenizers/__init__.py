@@ -1,2 +1,7 @@
-"""Tokenizers that turn images into discrete targets: dVAE (BEiT), VQ-KD (BEiT v2), k-means (ClusterMIM)."""
-from .base import FrozenTokenizer, Tokenizer, codebook_stats, load_for_method, tokenizer_classes  # noqa: F401
+"""Tokenizers that turn images into discrete targets, one module per kind; importing the package registers them
+in TOKENIZERS (kmeans: ClusterMIM, dvae: BEiT, vqkd: BEiT v2)."""
+from .base import TOKENIZERS, Tokenizer, Training, codebook_stats, count_stats, register_tokenizer, tokenizer_class
+from . import kmeans, dvae, vqkd  # noqa: F401  (each registers its kind, in this order)
+
+__all__ = ["TOKENIZERS", "Tokenizer", "Training", "codebook_stats", "count_stats", "register_tokenizer",
+           "tokenizer_class"]

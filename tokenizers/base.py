@@ -1,38 +1,91 @@
-"""The tokenizer interface shared by dVAE, VQ-KD and k-means, its file format, and the frozen wrapper that
-methods use to compute their discrete targets.
+"""The tokenizer interface shared by every kind, its registry and its file format.
 
 A tokenizer maps images [B, 3, img_size, img_size], normalized with its own `mean`/`std`, to ids
 LongTensor[B, grid * grid] in row-major order: one id per encoder patch. A tokenizer file is one torch file
 {"mimkit": "tokenizer", "kind", "config", "state"} whose config holds only plain values, so it loads with
 weights_only=True and rebuilds without the training code or its config.
+
+A kind is one module: a `Tokenizer` subclass registered with `@register_tokenizer(kind)` that brings its config
+section (`Config`, the section `<kind>` of `mimkit tokenizer train`), its recipe, its checks, whether it needs a
+teacher, how it is built from a run config and its training step (a `Training`). The package's `__init__`
+imports the kind modules, as timm registers models; the file loader, the run config, its checks and the CLI
+help all read `TOKENIZERS`, so adding a kind touches its module and its configs only.
 """
 from __future__ import annotations
 
-import itertools
 import math
 from abc import ABC, abstractmethod
 from pathlib import Path
+from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mimkit import checkpoint
 from mimkit.config import ConfigError
+from mimkit.data import dataset_stats
+from mimkit.images import resize
+from mimkit.teachers import Teacher
 
-def tokenizer_classes() -> dict[str, type["Tokenizer"]]:
-    """kind -> class of every tokenizer a file can hold (imported here: the kinds import this module)."""
-    from .dvae import DVAE
-    from .kmeans import KMeansTokenizer
-    from .vqkd import VQKD
-    return {cls.kind: cls for cls in (KMeansTokenizer, DVAE, VQKD)}
+TOKENIZERS: dict[str, type["Tokenizer"]] = {}
+
+
+def register_tokenizer(kind: str) -> Callable[[type["Tokenizer"]], type["Tokenizer"]]:
+    """Class decorator: file `kind` and config key `kind=<kind>` name this class."""
+    def deco(cls: type["Tokenizer"]) -> type["Tokenizer"]:
+        cls.kind = kind
+        TOKENIZERS[kind] = cls
+        return cls
+    return deco
+
+
+def tokenizer_class(kind: str, where: str = "kind") -> type["Tokenizer"]:
+    """The registered class of `kind`; an unknown kind is a ConfigError naming the valid ones."""
+    if kind not in TOKENIZERS:
+        raise ConfigError(f"{where}={kind!r} is not a tokenizer kind; choose one of: {', '.join(TOKENIZERS)}")
+    return TOKENIZERS[kind]
+
+
+class Training:
+    """A kind's training step for `mimkit tokenizer train`. With `gradient` true the shared gradient loop
+    (mimkit.loop) trains the tokenizer on `loss`; otherwise `fit` does all the training in one call (k-means, or
+    an imported tokenizer that needs none)."""
+
+    gradient: bool = True
+
+    def __init__(self, tok: "Tokenizer"):
+        self.tok = tok
+
+    def loss(self, imgs: torch.Tensor, progress: float) -> dict[str, Any]:
+        """{"loss": scalar tensor, other scalars (0-d tensors on the device, or floats)} for training images
+        [B, 3, H, W]; `progress` in [0, 1) is the share of training done (for schedules)."""
+        raise NotImplementedError(f"{type(self).__name__} has no gradient training")
+
+    def fit(self, train_set, device: torch.device, log: Callable[[str], None]) -> dict:
+        """Train without the gradient loop; returns statistics for metrics.json."""
+        raise NotImplementedError(f"{type(self).__name__} is trained by the gradient loop")
+
+    @torch.no_grad()
+    def evaluate(self, imgs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        """ids [B, N] of held-out images and the kind's own per-batch metrics (means over the batch)."""
+        return self.tok.encode(imgs), {}
+
+    @torch.no_grad()
+    def panel(self, imgs: torch.Tensor) -> torch.Tensor | None:
+        """An image [3, H, W] in [0, 1] for TensorBoard, or None when the kind has nothing to draw."""
+        return None
 
 
 class Tokenizer(nn.Module, ABC):
     """Base class. Subclasses implement `_encode(images at img_size) -> ids [B, N]` and list their extra
-    constructor arguments in `hparams()` (plain values) so that `save`/`load` can rebuild them."""
+    constructor arguments in `hparams()` (plain values) so that `save`/`load` can rebuild them; to be trained by
+    `mimkit tokenizer train` they implement `build` and `trainer` and may set `Config`, `recipe`,
+    `check_config` and `needs_teacher`."""
 
     kind: str = ""
+    paper: str = ""  # where the kind comes from (CLI help)
+    Config: type | None = None  # the kind's section `<kind>` of the run config; None: no settings
+    recipe: dict = {}  # paper defaults (dotted keys), applied under the dataset preset and the user's layers
 
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float]):
         super().__init__()
@@ -61,6 +114,24 @@ class Tokenizer(nn.Module, ABC):
         """ids LongTensor[B, grid * grid] for images normalized with (mean, std); resized to img_size first."""
         return self._encode(resize(images, self.img_size)).long()
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        """ConfigErrors for mistakes in the kind's part of a run config (the shared keys are checked already)."""
+
+    @classmethod
+    def needs_teacher(cls, cfg) -> bool:
+        """Whether a run with this config loads the frozen teacher of `teacher.name`."""
+        return False
+
+    @classmethod
+    def build(cls, cfg, teacher: Teacher | None, device: torch.device) -> "Tokenizer":
+        """The untrained tokenizer of a run config, on `device`."""
+        raise NotImplementedError(f"tokenizer kind {cls.kind} cannot be trained by mimkit tokenizer train")
+
+    def trainer(self, cfg, teacher: Teacher | None) -> Training:
+        """This tokenizer's training step for a run config."""
+        return Training(self)
+
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         checkpoint.save({"mimkit": "tokenizer", "kind": self.kind, "config": self.config(), "state": state,
@@ -70,33 +141,22 @@ class Tokenizer(nn.Module, ABC):
     def load(path: str | Path) -> "Tokenizer":
         """Rebuild a tokenizer from its file (weights_only=True: no pickled code runs)."""
         ckpt = checkpoint.load(path, kind="tokenizer")
-        kind, classes = ckpt.get("kind"), tokenizer_classes()
-        if kind not in classes:
-            raise checkpoint.CheckpointError(f"{path}: unknown tokenizer kind {kind!r} "
-                                             f"(known: {', '.join(classes)})")
-        tok = classes[kind](**ckpt["config"])
+        cls = tokenizer_class(ckpt.get("kind"), f"{path}: stored kind")
+        tok = cls(**ckpt["config"])
         try:
             tok.load_state_dict(ckpt["state"])
         except RuntimeError as e:
-            raise checkpoint.CheckpointError(f"{path} does not fit a {kind} tokenizer with its own config "
+            raise checkpoint.CheckpointError(f"{path} does not fit a {cls.kind} tokenizer with its own config "
                                              f"({str(e).splitlines()[0]})") from None
         return tok.eval()
 
 
-def resize(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Antialiased bilinear resize to size x size (a no-op at that size)."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    return F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
-
-
-def renormalize(images: torch.Tensor, src: tuple, dst: tuple) -> torch.Tensor:
-    """Images normalized with src=(mean, std) -> the same images normalized with dst=(mean, std)."""
-    (m0, s0), (m1, s1) = src, dst
-    if list(m0) == list(m1) and list(s0) == list(s1):
-        return images
-    view = lambda v: torch.tensor(v, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)  # noqa: E731
-    return (images * view(s0) + view(m0) - view(m1)) / view(s1)
+def run_args(cfg) -> dict:
+    """The constructor arguments every kind takes, from a run config: the data's image size and
+    normalization, the encoder's patch grid (data.img_size // patch_size) and the vocabulary."""
+    mean, std = dataset_stats(cfg.data.name)
+    return {"img_size": cfg.data.img_size, "grid": cfg.data.img_size // cfg.patch_size,
+            "vocab_size": cfg.vocab_size, "mean": list(mean), "std": list(std)}
 
 
 def codebook_stats(ids: torch.Tensor, vocab_size: int) -> dict[str, float]:
@@ -112,57 +172,3 @@ def count_stats(counts: torch.Tensor) -> dict[str, float]:
     entropy = -(p[p > 0] * p[p > 0].log()).sum().item()
     return {"usage": (counts > 0).double().mean().item(), "perplexity": math.exp(entropy),
             "codes_used": int((counts > 0).sum())}
-
-
-def token_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Share of positions whose arg-max prediction is the target id (a detached scalar)."""
-    return (logits.detach().argmax(-1) == target).float().mean()
-
-
-class FrozenTokenizer:
-    """A tokenizer as a method's target: frozen, eval mode, no_grad, moved to the images' device on first use.
-
-    Deliberately not an nn.Module attribute of the method: its weights stay out of the optimizer, the
-    pretraining checkpoint and DDP's gradient buckets, and `method.train()` cannot flip it to train mode."""
-
-    def __init__(self, tokenizer: Tokenizer, data_stats: tuple):
-        self.tokenizer = tokenizer.eval().requires_grad_(False)
-        self.data_stats = data_stats
-        self.own_stats = (tokenizer.mean, tokenizer.std)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.vocab_size
-
-    @property
-    def grid(self) -> int:
-        return self.tokenizer.grid
-
-    @torch.no_grad()
-    def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        tok = self.tokenizer
-        first = next(itertools.chain(tok.parameters(), tok.buffers()), None)
-        if first is not None and first.device != images.device:
-            tok.to(images.device)
-        return tok.encode(renormalize(images, self.data_stats, self.own_stats))
-
-
-def load_for_method(cfg, grid: int) -> FrozenTokenizer:
-    """The tokenizer named by `target.tokenizer`, checked against the method's patch grid and (when set)
-    `target.vocab_size`; mistakes are ConfigErrors raised before training starts."""
-    from mimkit.data import dataset_stats
-    path = cfg.target.tokenizer
-    if not path:
-        raise ConfigError(f"target.tokenizer is required for method={cfg.method}: the path of a tokenizer file "
-                          f"(train one with `mimkit tokenizer train --config configs/tokenizer/<kind>_*.yaml`)")
-    if not Path(path).is_file():
-        raise ConfigError(f"target.tokenizer={path!r}: no such file")
-    tok = Tokenizer.load(path)
-    if tok.grid != grid:
-        raise ConfigError(f"target.tokenizer {path} has a {tok.grid}x{tok.grid} token grid but the encoder has "
-                          f"{grid}x{grid} patches (data.img_size={cfg.data.img_size} / model.patch_size="
-                          f"{cfg.model.patch_size}); train the tokenizer for this grid")
-    if cfg.target.vocab_size and cfg.target.vocab_size != tok.vocab_size:
-        raise ConfigError(f"target.vocab_size={cfg.target.vocab_size} does not match target.tokenizer {path} "
-                          f"(vocab_size {tok.vocab_size}); set target.vocab_size={tok.vocab_size} or 0")
-    return FrozenTokenizer(tok, dataset_stats(cfg.data.name))

@@ -6,8 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
-EXAMPLES = """kinds: kmeans (ClusterMIM), dvae (BEiT), vqkd (BEiT v2)
-examples:
+from mimkit.commands import Parser
+
+from .base import TOKENIZERS, Tokenizer
+from .config import tokenizer_config
+from .train import train_tokenizer
+
+EXAMPLES = """examples:
   mimkit tokenizer train --config configs/tokenizer/kmeans_digits.yaml
   mimkit tokenizer train --config configs/tokenizer/dvae_digits.yaml epochs=20
   mimkit tokenizer train --config configs/tokenizer/vqkd_digits.yaml teacher.name=mimkit:runs/x/checkpoints/last.pt
@@ -15,9 +20,12 @@ examples:
 then: mimkit pretrain --config configs/pretrain/clustermim_digits.yaml"""
 
 
+def kinds_line() -> str:
+    """The registered kinds, for the help text."""
+    return "kinds: " + ", ".join(f"{kind} ({cls.paper})" if cls.paper else kind for kind, cls in TOKENIZERS.items())
+
+
 def cmd_train(args) -> int:
-    from .config import tokenizer_config
-    from .train import train_tokenizer
     m = train_tokenizer(tokenizer_config(args.config, args.overrides))
     print(f"{m['tokenizer']}: held-out codebook usage {100 * m['heldout_usage']:.1f}%, "
           f"perplexity {m['heldout_perplexity']:.1f} of {m['vocab_size']}")
@@ -25,18 +33,16 @@ def cmd_train(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .base import Tokenizer
     tok = Tokenizer.load(args.file)
     print(json.dumps({"file": str(Path(args.file)), "kind": tok.kind, **tok.config()}, indent=2))
     return 0
 
 
 def add_commands(subparsers) -> None:
-    from mimkit.cli import Parser
-    p = subparsers.add_parser("tokenizer", help="train or inspect tokenizers (k-means, dVAE, VQ-KD)")
+    p = subparsers.add_parser("tokenizer", help=f"train or inspect tokenizers ({', '.join(TOKENIZERS)})")
     sub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=Parser)
     t = sub.add_parser("train", help="train a tokenizer; writes <output_dir>/tokenizer.pt and metrics.json",
-                       epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=f"{kinds_line()}\n{EXAMPLES}", formatter_class=argparse.RawDescriptionHelpFormatter)
     t.add_argument("--config", action="append", default=[], metavar="FILE.yaml", help="YAML config file(s), in order")
     t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. vocab_size=512")
     t.set_defaults(func=cmd_train)

@@ -18,16 +18,55 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mimkit.checkpoint import CheckpointError
+from mimkit.config import ConfigError, check_range
+from mimkit.images import image_grid, resize
+from mimkit.loop import place_model
+from mimkit.teachers import Teacher, read_state_dict
 
-from .base import Tokenizer, resize
+from .base import Tokenizer, Training, register_tokenizer, run_args
 
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels
+
+
+@dataclass
+class DVAEConfig:
+    input_size: int = 112  # dVAE input side (BEiT: the half-resolution 112 px copy of a 224 view); 0 = data.img_size
+    groups: int = 4  # resolution groups (DALL-E: 4); the input is downsampled by 2^(groups - 1)
+    hidden: int = 256  # width of the first group (DALL-E n_hid)
+    blocks_per_group: int = 2
+    tau_start: float = 1.0  # Gumbel-softmax temperature, cosine-annealed to tau_end (DALL-E: 1 -> 1/16)
+    tau_end: float = 0.0625
+    tau_anneal: float = 0.8  # share of the training steps over which the temperature is annealed
+    kl_weight: float = 0.1  # weight of KL(q || uniform) per token (MSE per pixel), warmed up linearly from 0
+    kl_warmup: float = 0.1  # share of the training steps of the KL warmup
+    dalle_encoder: str = ""  # optional: DALL-E's released encoder (state dict file) loaded into the encoder
+
+
+def dvae_input_size(cfg) -> int:
+    """The dVAE's input side in a run config (dvae.input_size, 0 = data.img_size)."""
+    return cfg.dvae.input_size or cfg.data.img_size
+
+
+def check_grid(cfg) -> None:
+    """The dVAE's token grid, input_size / 2^(groups - 1), must be the encoder's patch grid."""
+    grid, size, factor = cfg.data.img_size // cfg.patch_size, dvae_input_size(cfg), 2 ** (cfg.dvae.groups - 1)
+    if size == grid * factor:
+        return
+    half = cfg.data.img_size // 2  # BEiT's layout: the half-resolution copy, patch / 2 pixels per token
+    p = cfg.patch_size
+    hint = (f"dvae.input_size={half} dvae.groups={(p // 2).bit_length()}" if p >= 2 and p & (p - 1) == 0 else
+            f"dvae.input_size={grid * factor}")
+    raise ConfigError(f"dvae.input_size={size} with dvae.groups={cfg.dvae.groups} (downsampling {factor}) gives a "
+                      f"{size // factor}x{size // factor} token grid, but data.img_size / patch_size = {grid}; "
+                      f"set e.g. {hint}")
 
 
 def conv(n_in: int, n_out: int, k: int) -> nn.Conv2d:
@@ -101,8 +140,14 @@ class Decoder(nn.Module):
         return self.blocks(z)
 
 
+@register_tokenizer("dvae")
 class DVAE(Tokenizer):
-    kind = "dvae"
+    paper = "BEiT"
+    Config = DVAEConfig
+    # DALL-E: AdamW, lr 1e-3 -> cosine; no weight decay on the code path matters little at this scale
+    recipe = {"vocab_size": 8192, "epochs": 100, "batch_size": 64, "optim.blr": 1e-3, "optim.lr_batch_ref": 256,
+              "optim.betas": [0.9, 0.999], "optim.weight_decay": 1e-4, "optim.warmup_epochs": 1,
+              "data.crop_scale": [0.08, 1.0]}
 
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  input_size: int, groups: int = 4, hidden: int = 256, blocks_per_group: int = 2,
@@ -135,6 +180,28 @@ class DVAE(Tokenizer):
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.logits(resize(images, self.input_size)).argmax(1).flatten(1)
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_range("dvae.groups", cfg.dvae.groups, 1)
+        check_grid(cfg)
+        if not 0 < cfg.dvae.tau_end <= cfg.dvae.tau_start:
+            raise ConfigError(f"dvae.tau_end={cfg.dvae.tau_end} must satisfy 0 < tau_end <= "
+                              f"tau_start={cfg.dvae.tau_start}")
+
+    @classmethod
+    def build(cls, cfg, teacher: Teacher | None, device: torch.device) -> "DVAE":
+        """A fresh dVAE, or DALL-E's released encoder when dvae.dalle_encoder names it."""
+        d, args = cfg.dvae, run_args(cfg)
+        if d.dalle_encoder:
+            tok = from_dalle(d.dalle_encoder, args["img_size"], args["grid"])
+        else:
+            tok = cls(**args, input_size=dvae_input_size(cfg), groups=d.groups, hidden=d.hidden,
+                      blocks_per_group=d.blocks_per_group)
+        return place_model(tok, device, cfg.precision)
+
+    def trainer(self, cfg, teacher: Teacher | None) -> "DVAETraining":
+        return DVAETraining(self, cfg.dvae)
+
 
 def temperature(progress: float, start: float, end: float, anneal: float) -> float:
     """Cosine from `start` to `end` over the first `anneal` share of training, then `end` (DALL-E)."""
@@ -153,17 +220,29 @@ def psnr(mse01: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse01.clamp_min(1e-10))
 
 
-class DVAETraining:
-    """Loss, evaluation and panels for `mimkit tokenizer train` with kind=dvae."""
+class DVAETraining(Training):
+    """Loss, evaluation and panels for `mimkit tokenizer train` with kind=dvae (`dcfg`: its DVAEConfig). An
+    imported DALL-E encoder has no decoder and is not trained."""
 
-    def __init__(self, tok: DVAE, dcfg):
-        self.tok, self.cfg = tok, dcfg
+    def __init__(self, tok: DVAE, dcfg: DVAEConfig):
+        super().__init__(tok)
+        self.cfg = dcfg
+
+    @property
+    def gradient(self) -> bool:
+        return self.tok.decoder is not None
+
+    def fit(self, train_set, device: torch.device, log: Callable[[str], None]) -> dict:
+        log(f"imported DALL-E's encoder from {self.cfg.dalle_encoder} (no training)")
+        return {}
 
     def _to01(self, x: torch.Tensor) -> torch.Tensor:
         mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (self.tok.mean, self.tok.std))
         return (x.float() * std + mean).clamp(0, 1)
 
     def loss(self, imgs: torch.Tensor, progress: float) -> dict:
+        """MSE of the relaxed reconstruction + the warmed-up KL to the uniform prior; temperature and KL weight
+        follow `progress`."""
         c, tok = self.cfg, self.tok
         x = resize(imgs, tok.input_size)
         logits = tok.logits(x)
@@ -194,9 +273,9 @@ class DVAETraining:
 
     @torch.no_grad()
     def panel(self, imgs: torch.Tensor) -> torch.Tensor | None:
+        """Rows: the dVAE's inputs, their reconstructions from the hard codes."""
         if self.tok.decoder is None:
             return None
-        from mimkit.methods import image_grid
         x, rec, _ = self.reconstruct(imgs)
         return image_grid([self._to01(x), self._to01(rec)])
 
@@ -204,7 +283,6 @@ class DVAETraining:
 def from_dalle(path: str, img_size: int, grid: int) -> DVAE:
     """A dVAE tokenizer holding DALL-E's released encoder (format in the module docstring). Inputs are
     converted from the method's normalization to [0, 1] (mean 0, std 1) and mapped as DALL-E expects."""
-    from .teachers import read_state_dict
     state = read_state_dict(path)
     state = {k[:-2] + ".weight" if k.endswith(".w") else k[:-2] + ".bias" if k.endswith(".b") else k: v
              for k, v in state.items()}

@@ -9,21 +9,40 @@ from __future__ import annotations
 
 import contextlib
 import math
+from dataclasses import dataclass
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from mimkit.config import ConfigError, check_range, choices
+from mimkit.data import Transformed, eval_transform, make_loader
 from mimkit.dist import autocast
-from mimkit.targets import pixel_target
+from mimkit.images import pixel_target, resize
+from mimkit.teachers import Teacher
 
-from .base import Tokenizer, resize
-from .teachers import Teacher
+from .base import Tokenizer, Training, register_tokenizer, run_args
 
 
+@dataclass
+class KMeansConfig:
+    features: str = choices("pixels", "teacher", default="pixels")  # teacher: L2-normalized, spherical k-means
+    norm_pix: bool = False  # pixels: standardize each patch by its own mean/var before clustering
+    max_samples: int = 1_000_000  # patches sampled from the training set (spread evenly over images)
+    niter: int = 20
+    threads: int = 0  # FAISS / BLAS threads for the fit (0 = all cores; 1 can be faster on a busy shared machine)
+    # FAISS fits on at most this many samples per center: its default, 256, stops short of the converged
+    # objective on image patches (benchmarks/kmeans.py)
+    max_points_per_centroid: int = 1024
+
+
+@register_tokenizer("kmeans")
 class KMeansTokenizer(Tokenizer):
-    kind = "kmeans"
+    paper = "ClusterMIM"
+    Config = KMeansConfig
+    recipe = {"vocab_size": 512}
 
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float], dim: int,
                  norm_pix: bool = False, teacher: dict | None = None):
@@ -48,6 +67,29 @@ class KMeansTokenizer(Tokenizer):
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         feats = self.features(images)
         return assign(feats.flatten(0, 1), self.centroids, self.spherical).view(feats.shape[:2])
+
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        check_range("kmeans.max_samples", cfg.kmeans.max_samples, cfg.vocab_size)
+        check_range("kmeans.niter", cfg.kmeans.niter, 1)
+        if cfg.kmeans.features == "teacher" and not cfg.teacher.name:
+            raise ConfigError("kmeans.features=teacher needs teacher.name (timm:<model>, openclip:<model> or "
+                              "mimkit:<checkpoint>)")
+
+    @classmethod
+    def needs_teacher(cls, cfg) -> bool:
+        return cfg.kmeans.features == "teacher"
+
+    @classmethod
+    def build(cls, cfg, teacher: Teacher | None, device: torch.device) -> "KMeansTokenizer":
+        """Zero centers for pixel or teacher features; a teacher's weights become part of the tokenizer."""
+        dim = teacher.feature_dim() if teacher is not None else cfg.patch_size * cfg.patch_size * 3
+        tok = cls(**run_args(cfg), dim=dim, norm_pix=cfg.kmeans.norm_pix)
+        tok.teacher = teacher
+        return tok.to(device).eval()
+
+    def trainer(self, cfg, teacher: Teacher | None) -> "KMeansTraining":
+        return KMeansTraining(self, cfg)
 
 
 def assign(x: torch.Tensor, centroids: torch.Tensor, spherical: bool, chunk: int = 8192) -> torch.Tensor:
@@ -74,6 +116,7 @@ def inertia(x: torch.Tensor, centroids: torch.Tensor, spherical: bool = False) -
 
 
 def faiss_gpus() -> int:
+    """GPUs FAISS can use (0 with a CPU-only build)."""
     import faiss
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
 
@@ -83,12 +126,12 @@ def fit_kmeans(x: np.ndarray, k: int, niter: int = 20, spherical: bool = False, 
                threads: int = 0, verbose: bool = False) -> np.ndarray:
     """FAISS k-means on rows of x [n, d] (float32) -> centers [k, d].
 
-    FAISS fits on a random subsample of max_points_per_centroid * k rows. Measured on 1M CIFAR-10 4x4 patches
-    with K=512 (benchmarks/kmeans.py): FAISS's default of 256 per centre stalls at +1.7% over Lloyd's converged
-    inertia, 1024 reaches +1.0% in 20 iterations, several times faster than Lloyd on all points.
+    FAISS fits on a random subsample of max_points_per_centroid * k rows: far faster than Lloyd on all points,
+    and with enough rows per center (FAISS's default of 256 is too few on image patches, benchmarks/kmeans.py)
+    close to its converged objective.
     `init` fixes the initial centers (tests, benchmarks); `gpu=None` uses a GPU index when FAISS sees one;
     `threads` > 0 caps FAISS's OpenMP and BLAS threads (0 keeps their defaults, all cores): on a loaded machine
-    one thread was 3x faster than two spinning ones (benchmarks/kmeans.py)."""
+    threads that spin waiting for each other can make more threads slower than one (benchmarks/kmeans.py)."""
     import faiss
     x = np.ascontiguousarray(x, dtype=np.float32)
     if len(x) < k:
@@ -104,7 +147,7 @@ def fit_kmeans(x: np.ndarray, k: int, niter: int = 20, spherical: bool = False, 
 
 
 @contextlib.contextmanager
-def faiss_threads(threads: int):
+def faiss_threads(threads: int) -> Iterator[None]:
     """Cap FAISS's OpenMP threads and the BLAS under its distance step (an sgemm) at `threads` inside the block;
     0 leaves both at their defaults."""
     if threads <= 0:
@@ -145,7 +188,7 @@ def sample_features(tok: KMeansTokenizer, loader, max_samples: int, num_images: 
 
 
 def fit_tokenizer(tok: KMeansTokenizer, feats: torch.Tensor, niter: int, seed: int,
-                  max_points_per_centroid: int, threads: int = 0, log=print) -> dict:
+                  max_points_per_centroid: int, threads: int = 0, log: Callable[[str], None] = print) -> dict:
     """Fit the centers on sampled features; returns the fit's statistics."""
     x = feats.float()
     if tok.spherical:
@@ -157,3 +200,20 @@ def fit_tokenizer(tok: KMeansTokenizer, feats: torch.Tensor, niter: int, seed: i
     log(f"k-means: {len(x)} samples x {x.shape[1]} dims, K={tok.vocab_size}, "
         f"{'spherical' if tok.spherical else 'euclidean'}, mean objective {obj / len(x):.4f}")
     return {"samples": len(x), "dim": int(x.shape[1]), "mean_inertia": obj / len(x)}
+
+
+class KMeansTraining(Training):
+    """ClusterMIM's fit: features of patches sampled across the training set, then FAISS k-means."""
+
+    gradient = False
+
+    def __init__(self, tok: KMeansTokenizer, cfg):
+        super().__init__(tok)
+        self.cfg = cfg
+
+    def fit(self, train_set, device: torch.device, log: Callable[[str], None]) -> dict:
+        cfg, k = self.cfg, self.cfg.kmeans
+        # ClusterMIM samples patches of resized, center-cropped training images (no augmentation)
+        loader = make_loader(Transformed(train_set, eval_transform(cfg.data)), cfg.batch_size, cfg.data, shuffle=True)
+        feats = sample_features(self.tok, loader, k.max_samples, len(train_set), device, cfg.seed)
+        return fit_tokenizer(self.tok, feats, k.niter, cfg.seed, k.max_points_per_centroid, k.threads, log)

@@ -10,15 +10,35 @@ patch features with 1 - cosine similarity.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from mimkit.config import ConfigError, check_range
+from mimkit.images import resize
+from mimkit.loop import place_model
+from mimkit.teachers import Teacher
 from mimkit.vit import ViT
 
-from .base import Tokenizer, resize
+from .base import Tokenizer, Training, register_tokenizer, run_args
 from .kmeans import assign, fit_kmeans
+
+
+@dataclass
+class VQKDConfig:
+    embed_dim: int = 768  # ViT encoder of the tokenizer (BEiT v2: ViT-B/16)
+    depth: int = 12
+    num_heads: int = 12
+    code_dim: int = 32  # L2-normalized code space
+    decoder_depth: int = 1  # shallow ViT decoder regressing the teacher features (BEiT v2: 1 or 3)
+    decoder_embed_dim: int = 768
+    decoder_num_heads: int = 12
+    decay: float = 0.99  # EMA decay of the codebook
+    beta: float = 1.0  # commitment loss weight (BEiT v2: 1.0)
+    restart: float = 0.1  # restart codes whose EMA usage falls below restart x the mean usage (0 = never)
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -91,8 +111,14 @@ def task_mlp(dim: int, out: int) -> nn.Sequential:
     return mlp
 
 
+@register_tokenizer("vqkd")
 class VQKD(Tokenizer):
-    kind = "vqkd"
+    paper = "BEiT v2"
+    Config = VQKDConfig
+    # BEiT v2 VQ-KD: lr 5e-5 per 128 images, betas (0.9, 0.99), wd 1e-4, min lr 1e-5, crop scale 0.08-1
+    recipe = {"vocab_size": 8192, "epochs": 100, "batch_size": 64, "optim.blr": 5e-5, "optim.lr_batch_ref": 128,
+              "optim.betas": [0.9, 0.99], "optim.weight_decay": 1e-4, "optim.warmup_epochs": 5,
+              "optim.min_lr": 1e-5, "data.crop_scale": [0.08, 1.0]}
 
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  teacher_dim: int, embed_dim: int = 768, depth: int = 12, num_heads: int = 12, code_dim: int = 32,
@@ -131,33 +157,67 @@ class VQKD(Tokenizer):
         rec = self.decode_task(self.decoder(grid_codes)[:, 1:])
         return rec, ids.view(B, N), commit
 
+    @classmethod
+    def check_config(cls, cfg) -> None:
+        if not cfg.teacher.name:
+            raise ConfigError("kind=vqkd needs teacher.name (timm:<model>, openclip:<model> or mimkit:<checkpoint>)")
+        v = cfg.vqkd
+        if v.embed_dim % v.num_heads or v.decoder_embed_dim % v.decoder_num_heads:
+            raise ConfigError("vqkd.embed_dim / decoder_embed_dim must be divisible by their num_heads")
+        check_range("vqkd.decay", v.decay, 0, 1, hi_open=True)
+
+    @classmethod
+    def needs_teacher(cls, cfg) -> bool:
+        return True
+
+    @classmethod
+    def build(cls, cfg, teacher: Teacher | None, device: torch.device) -> "VQKD":
+        """A fresh VQ-KD whose decoder regresses `teacher`'s features (their width sizes its output). The
+        teacher is still where load_teacher left it (the CPU), where feature_dim runs its probe; `trainer` moves
+        it to the tokenizer's device."""
+        v = cfg.vqkd
+        tok = cls(**run_args(cfg), teacher_dim=teacher.feature_dim(), embed_dim=v.embed_dim, depth=v.depth,
+                  num_heads=v.num_heads, code_dim=v.code_dim, decoder_depth=v.decoder_depth,
+                  decoder_embed_dim=v.decoder_embed_dim, decoder_num_heads=v.decoder_num_heads, decay=v.decay,
+                  beta=v.beta, restart=v.restart)
+        return place_model(tok, device, cfg.precision)
+
+    def trainer(self, cfg, teacher: Teacher | None) -> "VQKDTraining":
+        """The training step with the teacher on the tokenizer's device."""
+        return VQKDTraining(self, teacher.to(self.quantizer.codebook.device))
+
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of 1 - cos(pred, target)."""
     return (1 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
 
 
-class VQKDTraining:
+def codes_used(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """Number of distinct ids (a 0-d tensor on their device, computed without a host sync)."""
+    return torch.zeros(vocab_size, dtype=torch.bool, device=ids.device).index_fill_(0, ids.flatten(), True).sum()
+
+
+class VQKDTraining(Training):
     """Loss and evaluation for `mimkit tokenizer train` with kind=vqkd; the teacher stays outside the
     tokenizer (it is not needed to encode)."""
 
     def __init__(self, tok: VQKD, teacher: nn.Module):
-        self.tok, self.teacher = tok, teacher
+        super().__init__(tok)
+        self.teacher = teacher
 
     def targets(self, imgs: torch.Tensor) -> torch.Tensor:
+        """The teacher's patch features [B, N, teacher_dim] on the tokenizer's grid."""
         return self.teacher(imgs, (self.tok.mean, self.tok.std), self.tok.grid)
 
     def loss(self, imgs: torch.Tensor, progress: float) -> dict:
+        """1 - cosine to the teacher's features + the commitment loss (the codebook moves by EMA)."""
         target = self.targets(imgs)
         rec, ids, commit = self.tok(resize(imgs, self.tok.img_size))
         rec_loss = cosine_loss(rec, target)
         return {"loss": rec_loss + commit, "rec_loss": rec_loss.detach(), "commit_loss": commit.detach(),
-                "batch_codes_used": float(ids.unique().numel())}
+                "batch_codes_used": codes_used(ids, self.tok.vocab_size)}
 
     @torch.no_grad()
     def evaluate(self, imgs: torch.Tensor) -> tuple[torch.Tensor, dict]:
         rec, ids, commit = self.tok(resize(imgs, self.tok.img_size))  # eval mode: no EMA update
         return ids, {"rec_loss": cosine_loss(rec, self.targets(imgs)).item(), "commit_loss": commit.item()}
-
-    def panel(self, imgs: torch.Tensor) -> None:
-        return None

@@ -1,4 +1,6 @@
-"""Frozen feature extractors ("teachers") whose patch features VQ-KD regresses and k-means clusters.
+"""Frozen feature extractors ("teachers"): the networks whose patch features VQ-KD regresses, k-means clusters
+and the `teacher` target (mimkit.targets.teacher) hands to a method. They sit below both the tokenizers and the
+targets, which both use them.
 
 Named by one string, never downloaded:
 - `timm:<model name>` with a local weights file (a state dict as .pth/.pt/.bin or .safetensors);
@@ -12,18 +14,29 @@ inside its own file.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimkit.checkpoint import CheckpointError
-from mimkit.config import ConfigError
-
-from .base import renormalize, resize
+from .checkpoint import CheckpointError
+from .config import ConfigError, known_fields, to_dict
+from .data import dataset_stats
+from .encoders import load_encoder
+from .images import renormalize, resize
+from .vit import ModelConfig, build_encoder
 
 SOURCES = ("timm", "openclip", "mimkit")
+
+
+@dataclass
+class TeacherConfig:
+    """The `teacher` section of every command that uses a teacher."""
+    name: str = ""  # timm:<model> | openclip:<model> | mimkit:<pretrain checkpoint>
+    weights: str = ""  # local weights file (timm, openclip); nothing is downloaded
+    img_size: int = 0  # timm: teacher input size (0 = the model's default)
 
 
 class Teacher(nn.Module):
@@ -103,9 +116,7 @@ def _openclip_visual(spec: dict):
 
 
 def _mimkit_encoder(spec: dict):
-    from mimkit.config import ModelConfig, from_dict
-    from mimkit.vit import build_encoder
-    model = build_encoder(from_dict(ModelConfig, spec["model"]), spec["img_size"])
+    model = build_encoder(known_fields(ModelConfig, spec["model"]), spec["img_size"])
     return model, int(spec["img_size"]), list(spec["mean"]), list(spec["std"])
 
 
@@ -137,15 +148,13 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 def load_teacher(name: str, weights: str = "", img_size: int = 0) -> Teacher:
-    """`timm:<name>`, `openclip:<name>` or `mimkit:<checkpoint>` with its local weights, frozen."""
+    """`timm:<name>`, `openclip:<name>` or `mimkit:<checkpoint>` with its local weights, frozen (the values of a
+    TeacherConfig)."""
     source, sep, rest = name.partition(":")
     if not sep or source not in SOURCES or not rest:
         raise ConfigError(f"teacher.name={name!r} is not valid; use timm:<model> (with teacher.weights), "
                           f"openclip:<model> (with teacher.weights) or mimkit:<pretrain checkpoint>")
     if source == "mimkit":
-        from mimkit.config import to_dict
-        from mimkit.data import dataset_stats
-        from mimkit.probes.features import load_encoder  # the probes' checks: a clear error for a foreign file
         encoder, cfg, _ = load_encoder(rest)
         mean, std = dataset_stats(cfg.data.name)
         teacher = Teacher({"source": "mimkit", "model": to_dict(cfg.model), "img_size": cfg.data.img_size,

@@ -1,0 +1,185 @@
+"""The rules every gradient loop shares (pretraining, tokenizer training, probes): the learning-rate schedule,
+accumulation and clipping, the optimizer and where the model runs, and one epoch loop with one policy for a
+NaN/Inf loss, one host sync per step (the loss, needed for that policy and the log; every other scalar is
+summed on the device and read once per epoch), and one way to write metrics.json."""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+from tqdm import tqdm
+
+from . import checkpoint, dist
+from .vit import use_fused_attention
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or Inf; the message names the step and the last good checkpoint."""
+
+
+def lr_at(epoch: float, cfg, base_lr: float) -> float:
+    """Linear warmup, then half-cycle cosine to min_lr (MAE's per-step schedule; `epoch` is fractional)."""
+    warm = cfg.optim.warmup_epochs
+    if epoch < warm:
+        return base_lr * epoch / warm
+    progress = (epoch - warm) / max(cfg.epochs - warm, 1e-8)
+    return cfg.optim.min_lr + (base_lr - cfg.optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def effective_lr(cfg) -> float:
+    return cfg.optim.blr * cfg.batch_size * cfg.accum_iter * dist.world_size() / cfg.optim.lr_batch_ref
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group at lr, times its lr_scale (timm's layer-wise decay groups carry one)."""
+    for g in optimizer.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def backward_step(loss: torch.Tensor, it: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                  accum_iter: int, clip_grad: float) -> bool:
+    """Backward of loss / accum_iter; every accum_iter-th iteration clip (clip_grad > 0) and step.
+    True when the optimizer stepped."""
+    (loss / accum_iter).backward()
+    if (it + 1) % accum_iter:
+        return False
+    if clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return True
+
+
+def place_model(model: nn.Module, device: torch.device, precision: str = "auto") -> nn.Module:
+    """The model on its device, with the attention kernel that trains fastest in its precision there."""
+    model = model.to(device)
+    if device.type == "cpu" and dist.uses_bf16(device, precision):
+        # The fused attention kernel's bf16 backward is slow on CPU (benchmarks/README.md); timm's plain path
+        # is the same function.
+        use_fused_attention(model, False)
+    return model
+
+
+def build_optimizer(model: nn.Module, cfg, device: torch.device) -> torch.optim.Optimizer:
+    # No weight decay on biases, norms, tokens and 1-D parameters (timm's grouping, as in MAE).
+    groups = param_groups_weight_decay(model, cfg.optim.weight_decay)
+    # fused on CUDA. On CPU a run resumed after kill -9 with the fused kernel differed from an uninterrupted one
+    # (tests/test_faults.py), so CPU keeps the default loop, which is exact.
+    return torch.optim.AdamW(groups, lr=effective_lr(cfg), betas=tuple(cfg.optim.betas),
+                             fused=device.type == "cuda" or None)
+
+
+class RunLog:
+    """Prints on rank 0 and appends to <output_dir>/log.txt."""
+
+    def __init__(self, out: Path):
+        self.path = out / "log.txt"
+
+    def __call__(self, msg: str) -> None:
+        if dist.is_main():
+            tqdm.write(msg)
+            with open(self.path, "a") as f:
+                f.write(msg + "\n")
+
+
+def write_metrics(out: Path, metrics: dict, log: Callable[[str], None]) -> None:
+    checkpoint.atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    log(f"metrics written to {out / 'metrics.json'}")
+
+
+@dataclass
+class Loop:
+    """One gradient loop's state: `cfg` has epochs, accum_iter, precision and optim.* (blr, warmup_epochs,
+    min_lr, clip_grad, and optionally skip_nonfinite: NaN/Inf steps to skip before stopping)."""
+    cfg: Any
+    model: nn.Module  # the parameters that are clipped
+    optimizer: torch.optim.Optimizer
+    device: torch.device
+    steps_per_epoch: int
+    log: Callable[[str], None]
+    writer: Any = None  # TensorBoard SummaryWriter (rank 0) or None
+    ddp: Any = None  # DistributedDataParallel wrapper: gradients are all-reduced once per optimizer step
+    ckpt_path: Path | None = None  # named by a non-finite-loss stop; None: the loop keeps no checkpoint
+    hint: str = ""  # appended to a non-finite-loss stop
+    step: int = 0
+    history: list = field(default_factory=list)
+    bad_steps: int = 0
+    lr: float = 0.0  # the last learning rate set
+
+    @property
+    def base_lr(self) -> float:
+        return effective_lr(self.cfg)
+
+    def last_good(self) -> str:
+        """The checkpoint a restart would resume from."""
+        if self.ckpt_path is not None and self.ckpt_path.exists() and self.history:
+            return f"{self.ckpt_path} (epoch {self.history[-1]['epoch']})"
+        return "none yet"
+
+    def nonfinite(self, value: float, epoch: int, it: int) -> None:
+        """Stop with the step and the last good checkpoint, or skip the step while optim.skip_nonfinite allows."""
+        self.bad_steps += 1
+        allowed = getattr(self.cfg.optim, "skip_nonfinite", 0)
+        if self.bad_steps > allowed:
+            where = f"; last good checkpoint: {self.last_good()}" if self.ckpt_path is not None else ""
+            raise NonFiniteLossError(f"non-finite loss ({value}) at step {self.step} (epoch {epoch + 1}, iteration "
+                                     f"{it}){where}{self.hint}")
+        self.log(f"warning: skipped step {self.step} with loss {value} "
+                 f"({self.bad_steps}/{allowed} allowed by optim.skip_nonfinite)")
+        self.optimizer.zero_grad(set_to_none=True)
+
+
+def add_scalars(sums: dict, outputs: dict) -> None:
+    """Add a step's scalars (0-d tensors on the device, or floats) other than the loss to `sums`."""
+    for k, v in outputs.items():
+        if k == "loss" or (torch.is_tensor(v) and v.dim() != 0):
+            continue
+        sums[k] = sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v))
+
+
+def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, forward: Callable[[Any], dict]) -> dict:
+    """One epoch of `forward(batch) -> {"loss": scalar, other scalars...}` (batch[0]: the inputs) with the
+    schedule, accumulation, clipping and NaN policy above. Returns {"epoch", "loss", the other scalars'
+    means, "images_per_s", "seconds"} (means over the epoch's steps and over ranks)."""
+    cfg, device = loop.cfg, loop.device
+    t0, n_images, loss_sum, sums, lr = time.perf_counter(), 0, 0.0, {}, 0.0
+    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main(), leave=False,
+               file=sys.stderr, dynamic_ncols=True)
+    loop.optimizer.zero_grad(set_to_none=True)
+    for it, batch in enumerate(bar):
+        if it % cfg.accum_iter == 0:
+            lr = lr_at(epoch + it / loop.steps_per_epoch, cfg, loop.base_lr)
+            set_lr(loop.optimizer, lr)
+        sync = loop.ddp is None or (it + 1) % cfg.accum_iter == 0
+        with (contextlib.nullcontext() if sync else loop.ddp.no_sync()), dist.autocast(device, cfg.precision):
+            outputs = forward(batch)
+        loss = outputs["loss"]
+        # the mean over ranks: logged, and a NaN on any rank stops or skips the step on every rank
+        loss_value = dist.all_reduce_mean(loss.item(), device)
+        if not math.isfinite(loss_value):
+            loop.nonfinite(loss_value, epoch, it)
+            continue
+        if backward_step(loss, it, loop.model, loop.optimizer, cfg.accum_iter, cfg.optim.clip_grad):
+            loop.step += 1
+            if loop.writer is not None:
+                loop.writer.add_scalar("train/loss", loss_value, loop.step)
+                loop.writer.add_scalar("train/lr", lr, loop.step)
+        add_scalars(sums, outputs)
+        n_images += len(batch[0])
+        loss_sum += loss_value
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+    loop.lr = lr
+    seconds = time.perf_counter() - t0
+    steps = max(loop.steps_per_epoch, 1)
+    means = {k: dist.all_reduce_mean(float(v) / steps, device) for k, v in sums.items()}
+    return {"epoch": epoch + 1, "loss": loss_sum / steps, **means,
+            "images_per_s": dist.all_reduce_sum(n_images, device) / seconds, "seconds": seconds}

@@ -1,0 +1,55 @@
+"""Losses between a head's prediction and a target, at the masked positions only.
+
+Each loss takes (pred, target, mask): pred [B, N, D] at every position or [M, D] at the masked ones (a
+`masked_linear` head), target [B, N, D] floats or [B, N] ids, mask [B, N] bool; it returns {"loss": scalar, ...}
+with any extra scalars it reports (token accuracy for ids). `ids` says which kind of target a loss takes."""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def masked_mean(loss: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of a per-patch loss [B, N] over the masked patches only."""
+    mask = mask.to(loss.dtype)
+    return (loss * mask).sum() / mask.sum()
+
+
+def token_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Share of positions whose arg-max prediction is the target id (a detached scalar)."""
+    return (logits.detach().argmax(-1) == target).float().mean()
+
+
+def _per_patch(fn: Callable, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """fn(pred, target) [.., D] -> per-patch mean over D, averaged over the masked patches."""
+    if pred.dim() == 2:  # already at the masked positions
+        return fn(pred.float(), target[mask]).mean(dim=-1).mean()
+    return masked_mean(fn(pred.float(), target).mean(dim=-1), mask)
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Mean squared error per patch (MAE, MaskFeat)."""
+    return {"loss": _per_patch(lambda a, b: (a - b) ** 2, pred, target, mask)}
+
+
+def l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict:
+    """SimMIM: |x - x_rec| summed over masked pixels and channels / (masked pixels * channels); every masked
+    patch has the same number of values, so this is the per-patch mean averaged over masked patches."""
+    return {"loss": _per_patch(lambda a, b: (a - b).abs(), pred, target, mask)}
+
+
+def cross_entropy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Cross-entropy over the vocabulary and arg-max accuracy at the masked positions (BEiT, ClusterMIM)."""
+    if logits.dim() == 2:  # logits [M, V] at the masked positions
+        logits, target = logits.float(), ids[mask]
+        return {"loss": F.cross_entropy(logits, target), "acc": token_accuracy(logits, target)}
+    logits = logits.float()
+    loss = masked_mean(F.cross_entropy(logits.transpose(1, 2), ids, reduction="none"), mask)
+    return {"loss": loss, "acc": token_accuracy(logits[mask], ids[mask])}
+
+
+# name -> (loss, whether it takes ids)
+LOSSES: dict[str, tuple[Callable[..., dict], bool]] = {"mse": (mse, False), "l1": (l1, False),
+                                                       "ce": (cross_entropy, True)}

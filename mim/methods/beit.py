@@ -1,0 +1,66 @@
+"""BEiT (microsoft/unilm beit) and BEiT v2 (beit2): masked patches are replaced by a mask token, every patch
+goes through the encoder, and a linear head over the tokenizer's vocabulary predicts each masked patch's id
+(cross-entropy on masked positions only).
+
+- `beit`: ids from a dVAE (`mimkit tokenizer train` with kind=dvae), computed on the half-resolution copy of
+  the encoder's view inside the tokenizer.
+- `beitv2`: ids from VQ-KD, plus the auxiliary head of BEiT v2: the final CLS token concatenated with the patch
+  tokens of a middle block goes through 2 extra blocks, the shared final norm and the shared head; loss =
+  main CE + auxiliary CE."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mimkit.config import ConfigError
+from mimkit.vit import make_blocks
+
+from .base import Method, register_method
+
+
+@register_method("beit")
+class BEiT(Method):
+    recipe = {
+        "head": "masked_linear", "target.kind": "tokens", "loss": "ce", "mask.kind": "block", "mask.ratio": 0.4,
+        "model.layer_scale": 0.1, "model.drop_path": 0.1,
+        # lr 1.5e-3 at batch 2048, AdamW (0.9, 0.98), wd 0.05, 10 warmup epochs, clip 3.0, crops 0.08-1 (BEiT;
+        # BEiT v2 ViT-B/16 the same)
+        "optim.blr": 1.5e-3, "optim.lr_batch_ref": 2048, "optim.betas": [0.9, 0.98], "optim.warmup_epochs": 10,
+        "optim.clip_grad": 3.0, "data.crop_scale": [0.08, 1.0],
+    }
+
+
+@dataclass
+class BEiTv2Config:
+    aux_layer: int = 0  # block (1-based) whose patch tokens feed the auxiliary head; 0 = depth // 2
+    aux_depth: int = 2  # blocks of the auxiliary head
+
+
+@register_method("beitv2")
+class BEiTv2(BEiT):
+    Config = BEiTv2Config
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        a, m, enc = cfg.beitv2, cfg.model, self.encoder
+        self.aux_layer = a.aux_layer or enc.depth // 2  # BEiT v2 ViT-B: early_layers = 6 of 12
+        if not 1 <= self.aux_layer <= enc.depth:
+            raise ConfigError(f"beitv2.aux_layer={a.aux_layer} must be in 1..{enc.depth} (the encoder's depth), "
+                              f"or 0 for depth // 2")
+        self.aux_blocks = make_blocks(enc.embed_dim, a.aux_depth, enc.num_heads, m.mlp_ratio, m.drop_path,
+                                      m.layer_scale)
+
+    def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> dict:
+        target = self.target(imgs)
+        tokens, layers = self.encoder(imgs, mask, mode="token", return_layers=(self.aux_layer - 1, -1))
+        middle, last = layers[0], layers[-1]  # one tensor when aux_layer is the last block
+        main = self.loss(self.head(tokens, mask), target, mask)
+        # auxiliary head: final CLS (before the final norm) + the middle block's patch tokens, 2 extra blocks,
+        # then the encoder's final norm and the same head (BEiT v2's shared_lm_head)
+        x = torch.cat([last[:, :1], middle[:, 1:]], dim=1)
+        for blk in self.aux_blocks:
+            x = blk(x)
+        aux = self.loss(self.head(self.encoder.norm(x), mask), target, mask)
+        return {"loss": main["loss"] + aux["loss"], "acc": main["acc"], "main_loss": main["loss"].detach(),
+                "aux_loss": aux["loss"].detach(), "aux_acc": aux["acc"]}
