@@ -10,7 +10,11 @@ from pathlib import Path
 
 from .commands import Parser, add_config_args, run
 from .data import DATASETS
+from .heads import HEADS
+from .losses import LOSSES
+from .masking import MASK_KINDS
 from .methods import METHODS, pretrain_config
+from .targets import TARGETS
 
 # Modules that contribute sub-commands through `add_commands(subparsers)`.
 COMMAND_MODULES: list[str] = ["mimkit.probes.cli", "mimkit.tokenizers.cli", "mimkit.submit", "mimkit.probes.analyze_cli"]
@@ -26,10 +30,13 @@ def presets() -> list[str]:
 
 
 def pretrain_epilog() -> str:
-    lines = ["methods: " + ", ".join(METHODS), "datasets: " + ", ".join(DATASETS) + " (digits: embedded; synthetic: tests)",
+    lines = ["methods: " + ", ".join(METHODS),
+             f"parts (named by each method's recipe): head ({', '.join(HEADS)}), target.kind ({', '.join(TARGETS)}), "
+             f"loss ({', '.join(LOSSES)}), mask.kind ({', '.join(MASK_KINDS)})",
+             "datasets: " + ", ".join(DATASETS) + " (digits: embedded; synthetic: tests)",
              "presets: " + (", ".join(presets()) or "(none found)"),
              "examples:", "  python run_pretrain.py                       # MAE on digits, then a k-NN probe",
-             "  python run_pretrain.py --config configs/pretrain/mae_vit_tiny_cifar10.yaml data.root=../shared/data/cifar10",
+             "  python run_pretrain.py --config configs/pretrain/mae_vit_tiny_cifar10.yaml data.root=/data/cifar10",
              "  python run_pretrain.py method=mae epochs=10 optim.blr=3e-4 output_dir=runs/try"]
     return "\n".join(lines)
 

@@ -29,7 +29,7 @@ def choices(*values: str, default: str) -> Any:
 
 
 # Every command's `device` and `precision` keys (precision auto: bf16 autocast on CUDA, fp32 on CPU; bf16 on CPU is
-# 2x faster where the CPU multiplies bf16 natively, AMX on Xeon Sapphire Rapids and later, and slower elsewhere).
+# faster where the CPU multiplies bf16 natively, AMX on Xeon Sapphire Rapids and later, and slower elsewhere).
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 
@@ -53,20 +53,23 @@ class CkptConfig:
     every: int = 10  # save checkpoints/last.pt every N epochs (and at the end)
 
 
-def make_config(name: str, base: type, sections: dict[str, type], kinds: tuple[str, ...] = ()) -> type:
+def make_config(name: str, base: type, sections: dict[str, type], kinds: tuple[str, ...] = (),
+                default_kind: str = "") -> type:
     """A dataclass `name` with the fields of `base` plus one section per entry of `sections` (section name ->
-    its dataclass) and, with `kinds`, a `kind` key choosing among them: how a command's config takes in the
-    sections of registered parts (targets, methods, tokenizer kinds) without this module knowing them. The same
-    arguments give the same class (configs compare equal only within one class)."""
-    return _config_class(name, base, tuple(sections.items()), tuple(kinds))
+    its dataclass) and, with `kinds`, a `kind` key choosing among them (`default_kind` when none is named): how
+    a command's config takes in the sections of registered parts (targets, methods, tokenizer kinds) without
+    this module knowing them. The same arguments give the same class (configs compare equal only within one
+    class)."""
+    return _config_class(name, base, tuple(sections.items()), tuple(kinds), default_kind)
 
 
 @functools.lru_cache(maxsize=None)
-def _config_class(name: str, base: type, sections: tuple[tuple[str, type], ...], kinds: tuple[str, ...]) -> type:
+def _config_class(name: str, base: type, sections: tuple[tuple[str, type], ...], kinds: tuple[str, ...],
+                  default_kind: str) -> type:
     clash = {key for key, _ in sections} & (set(_fields(base)) if dataclasses.is_dataclass(base) else set())
     if clash:
         raise ValueError(f"config sections {sorted(clash)} clash with fields of {base.__name__}")
-    fields = [("kind", str, choices(*kinds, default=""))] if kinds else []
+    fields = [("kind", str, choices(*kinds, default=default_kind))] if kinds else []
     fields += [(key, cls, field(default_factory=cls)) for key, cls in sections]
     return dataclasses.make_dataclass(name, fields, bases=(base,))
 

@@ -52,8 +52,8 @@ def keep_freed_memory() -> bool:
     """Have glibc's malloc keep the memory torch frees for the next tensors, instead of handing it back to the
     OS (buffers over 128 KB are mmap'd and unmapped one by one by default) and faulting fresh zeroed pages in
     on the next allocation. A CPU training step allocates the same buffers every time, so nothing grows past the
-    first step's peak; an fp32 MAE step on the CPU preset had 100-240k page faults (0.4-0.7 s of kernel
-    time); fp32 steps ran 1.1-1.4x faster without them, the batched HOG up to 2.3x (measured). What PyTorch's CPU
+    first step's peak, and a step no longer spends kernel time faulting its activations back in page by page
+    (benchmarks/README.md has the measurements). What PyTorch's CPU
     tuning guide gets by preloading jemalloc or tcmalloc, without either. Linux with glibc only; set
     MIMKIT_KEEP_FREED_MEMORY=0 to keep the defaults. Returns whether the setting was made."""
     if os.environ.get("MIMKIT_KEEP_FREED_MEMORY", "1") == "0" or not sys.platform.startswith("linux"):

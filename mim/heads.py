@@ -15,17 +15,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .registry import registrar
 from .vit import ViT, init_weights, make_blocks, sincos_pos_embed, visible_first
 
 HEADS: dict[str, type[nn.Module]] = {}
-
-
-def register_head(name: str):
-    def deco(cls):
-        cls.name = name
-        HEADS[name] = cls
-        return cls
-    return deco
+register_head = registrar(HEADS)
 
 
 @dataclass
@@ -86,33 +80,27 @@ class LinearHead(nn.Linear):
     @classmethod
     def build(cls, cfg, encoder: ViT, out_dim: int) -> "LinearHead":
         head = cls(encoder.embed_dim, out_dim)
-        head.apply(init_weights)
+        head.init()
         return head
 
-    def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """tokens [B, 1 + N, D] (CLS first) -> [B, N, out_dim]."""
-        return super().forward(tokens[:, 1:])
+    def init(self) -> None:
+        self.apply(init_weights)
 
-    dense = forward
+    def dense(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """tokens [B, 1 + N, D] (CLS first) -> [B, N, out_dim] at every position."""
+        return nn.functional.linear(tokens[:, 1:], self.weight, self.bias)
+
+    forward = dense
 
 
 @register_head("masked_linear")
-class MaskedLinearHead(nn.Linear):
-    """BEiT's lm_head: a linear map over the masked patch tokens only (trunc-normal std 0.02, zero bias)."""
-    Config = None
-    encoder_mode, attr = "token", "head"
+class MaskedLinearHead(LinearHead):
+    """BEiT's lm_head: the linear map over the masked patch tokens only (trunc-normal std 0.02, zero bias)."""
 
-    @classmethod
-    def build(cls, cfg, encoder: ViT, out_dim: int) -> "MaskedLinearHead":
-        head = cls(encoder.embed_dim, out_dim)
-        nn.init.trunc_normal_(head.weight, std=0.02)
-        nn.init.zeros_(head.bias)
-        return head
+    def init(self) -> None:
+        nn.init.trunc_normal_(self.weight, std=0.02)
+        nn.init.zeros_(self.bias)
 
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens [B, 1 + N, D] (CLS first) -> [M, out_dim] at the masked positions, in mask.nonzero() order."""
-        return super().forward(tokens[:, 1:][mask])
-
-    def dense(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """[B, N, out_dim] at every position (for panels)."""
-        return super().forward(tokens[:, 1:])
+        return nn.functional.linear(tokens[:, 1:][mask], self.weight, self.bias)

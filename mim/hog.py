@@ -5,7 +5,7 @@ on reflect-padded maps; magnitude sqrt(gx^2 + gy^2); unsigned orientation atan2(
 equal bins; each pixel adds its magnitude to its bin (hard assignment); histograms are summed over
 cell x cell pixels and each cell's histogram is L2-normalized on its own (no block normalization). All of it
 is batched (no per-image loop) on whatever device the images are: tensor ops on a GPU, one fused numba kernel
-per map on the CPU (`mimkit.hog_cpu`, 2x faster there; `cpu_kernel=False` runs the tensor ops on the CPU too).
+per map on the CPU (`mimkit.hog_cpu`, faster there; `cpu_kernel=False` runs the tensor ops on the CPU too).
 
 Conventions, compared with the references:
 - Bins are [k, k+1) * 180/nbins deg of atan2(d/drow, d/dcol), as in scikit-image. With central differences
@@ -59,7 +59,7 @@ class HOG(nn.Module):
         # Central differences written straight into their buffers, zero on the border: reflect padding makes
         # x[-1] = x[1], so a border gradient is exactly 0 (as scikit-image sets it). Differencing first, then
         # smoothing, keeps them exactly 0 under Sobel too (a one-pass 3x3 Sobel sum leaves +-1e-16 residues whose
-        # sign throws their angle between 0 and 180 deg); on CPU this is 2-5x faster than conv2d (measured).
+        # sign throws their angle between 0 and 180 deg), and on CPU shifted slices beat conv2d.
         gx, gy = maps.new_zeros(N, H, W), maps.new_zeros(N, H, W)  # zeroing all is faster than zeroing columns
         torch.sub(maps[:, :, 2:], maps[:, :, :-2], out=gx[:, :, 1:-1])
         torch.sub(maps[:, 2:], maps[:, :-2], out=gy[:, 1:-1])
@@ -89,14 +89,14 @@ class HOG(nn.Module):
             return hist.view(B, C, K, H // c, W // c)
         # Slots are bin-major: slot s of cell i is s * cells + i, so the histograms come out as [.., nbins, cells]
         # with no transpose, and both the fold and the normalization in forward() reduce over whole contiguous
-        # planes (about 2x faster than F.normalize over the 9 bins of each cell). Each pixel's offset is computed
+        # planes (F.normalize over the 9 bins of each cell is far slower). Each pixel's offset is computed
         # once per call; indices are whole numbers, exact in float32 below 2^24 (float64 beyond, for huge images).
         n_cells = (H // c) * (W // c)
         cell_row, cell_col = torch.arange(H, device=maps.device) // c, torch.arange(W, device=maps.device) // c
         first_slot = (K * n_cells + cell_row[:, None] * (W // c) + cell_col[None, :])
         first_slot = first_slot.to(maps.dtype if 2 * K * n_cells <= 2 ** 24 else torch.float64)
-        # On CPU, chunks keep the dozen elementwise passes below in the cores' caches: 1.0-2x faster than one pass
-        # over 256 CIFAR-10 images (measured side by side); a GPU takes the batch at once. The budget counts the
+        # On CPU, chunks keep the dozen elementwise passes below in the cores' caches (benchmarks/README.md:
+        # faster than one pass over the batch); a GPU takes the batch at once. The budget counts the
         # 2 * nbins slots of each cell too, as they outnumber the pixels 4.5 to 1 at 2-px cells: the fastest chunks
         # were 2^18-2^19 pixels at 8-px cells and 2^16-2^17 at 2-px cells (sweeps on 32 and 224 px images).
         per_map = H * W + 2 * K * n_cells
@@ -118,10 +118,10 @@ class HOG(nn.Module):
         if weight is not None:
             mag.mul_(weight)
         # The unsigned angle is atan(gy / gx) mod pi: atan2 differs from atan only by +-pi, which the fold removes,
-        # and atan + a division cost half of atan2 on CPU (measured). 0 / 0 -> 0, as atan2(0, 0) = 0.
+        # and atan + a division cost less than atan2 on CPU. 0 / 0 -> 0, as atan2(0, 0) = 0.
         # floor(atan * K / pi) + K is a slot in [0, 2K); slot mod K is the bin, folded on the small histograms
         # rather than on every pixel (a per-pixel remainder costs 20 additions). The index is cast once.
-        # In place in gy's buffer: fewer live buffers per chunk stay in cache (1.03-1.08x, measured).
+        # In place in gy's buffer: fewer live buffers per chunk stay in cache.
         slot = gy.div_(gx).nan_to_num_(0.0).atan_().mul_(K / math.pi).floor_()
         in_place = slot if first_slot.dtype == slot.dtype else None  # not when the index needs float64
         idx = torch.add(first_slot, slot, alpha=n_cells, out=in_place).long()

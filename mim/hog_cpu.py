@@ -1,6 +1,5 @@
 """HOG's histograms on the CPU in one numba kernel per map: gradients, magnitude, bin and histogram of each row
-while it is in the L1 cache, instead of a dozen tensor passes over the batch (2x faster at 224 px, measured in
-benchmarks/hog.py). The same definition as the tensor path in `mimkit.hog`, which the GPU uses: tests/test_hog.py
+while it is in the L1 cache, instead of a dozen tensor passes over the batch (faster on CPU: benchmarks/hog.py, benchmarks/README.md). The same definition as the tensor path in `mimkit.hog`, which the GPU uses: tests/test_hog.py
 checks both against scikit-image and a numpy reference.
 
 The bin comes from comparisons, not from an arctangent: after folding the gradient into the upper half-plane

@@ -86,7 +86,10 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def feature_dim(self) -> int:
-        return self.tokens(torch.zeros(1, 3, self.input_size, self.input_size)).shape[-1]
+        """D of the patch features, probed with one blank image on the teacher's own device."""
+        first = next(self.model.parameters(), None)
+        device = first.device if first is not None else torch.device("cpu")
+        return self.tokens(torch.zeros(1, 3, self.input_size, self.input_size, device=device)).shape[-1]
 
 
 def _timm_model(spec: dict):

@@ -12,7 +12,7 @@ figures.context, figures.map_images, figures.heatmap_tokens
 examples:
   mimkit analyze tokens --tokenizer runs/tokenizer_kmeans_digits/tokenizer.pt --out runs/analyze_digits
   mimkit analyze tokens --tokenizer kmeans=runs/km/tokenizer.pt --tokenizer dvae=runs/dvae/tokenizer.pt \\
-      data.name=cifar10 data.root=../shared/data/cifar10 --out runs/analyze_cifar10
+      data.name=cifar10 data.root=/data/cifar10 --out runs/analyze_cifar10
   mimkit analyze predictions --checkpoint runs/clustermim_digits/checkpoints/last.pt"""
 
 

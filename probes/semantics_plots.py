@@ -13,6 +13,7 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from mimkit.checkpoint import atomic_write
+from mimkit.images import image_grid
 
 
 def save_figure(fig: Figure, path: str | Path, writer=None, tag: str = "") -> np.ndarray:
@@ -82,7 +83,6 @@ def gallery_figure(crops: torch.Tensor, captions: list[str], context: int) -> Fi
 def token_map_figure(images: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> Figure:
     """images [n, 3, H, W] in [0, 1] and their ids [n, g, g]: the images, then each blended with a colour per
     token id."""
-    from mimkit.methods import image_grid
     colors = torch.from_numpy(token_colors(vocab_size)).float()[ids].permute(0, 3, 1, 2)  # [n, 3, g, g]
     colors = torch.nn.functional.interpolate(colors, size=images.shape[-2:], mode="nearest")
     grid = image_grid([images.cpu(), 0.35 * images.cpu() + 0.65 * colors])

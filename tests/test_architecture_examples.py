@@ -60,6 +60,28 @@ def test_a_float_target_with_cross_entropy_is_one_clear_error(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_toy_tokenizer_kind_trains_and_feeds_clustermim(tmp_path):
+    from mimkit.tokenizers import TOKENIZERS, Tokenizer
+    namespace = {}
+    exec(compile(example("Add a tokenizer kind"), "architecture.md", "exec"), namespace)
+    try:
+        tok_dir = tmp_path / "grey"
+        assert main(["tokenizer", "train", "kind=grey", "data.name=synthetic", f"output_dir={tok_dir}"]) == 0
+        tok = Tokenizer.load(tok_dir / "tokenizer.pt")
+        assert tok.kind == "grey" and tok.vocab_size == 16 and tok.grid == 4
+        imgs = torch.zeros(1, 3, 16, 16)
+        imgs[..., :4, :4] = 2.5  # one bright patch in the top-left corner, the rest at the middle grey level
+        ids = tok.encode(imgs)
+        assert ids[0, 0] == 15 and (ids[0, 1:] == ids[0, 1]).all() and 0 < ids[0, 1] < 15
+        out = tmp_path / "clustermim"
+        assert main(["pretrain", "method=clustermim", "data.name=synthetic", "data.synthetic_size=64", "epochs=1",
+                     f"target.tokens.tokenizer={tok_dir / 'tokenizer.pt'}", f"output_dir={out}"]) == 0
+        model = torch.load(out / "checkpoints" / "last.pt", weights_only=True)["model"]
+        assert model["decoder.pred.weight"].shape[0] == 16  # one logit per grey level
+    finally:
+        TOKENIZERS.pop("grey")
+
+
 def test_recipe_only_method_composes_existing_parts(tmp_path):
     namespace = {}
     exec(compile(example("Add a method"), "architecture.md", "exec"), namespace)

@@ -25,18 +25,11 @@ from mimkit import checkpoint
 from mimkit.config import ConfigError
 from mimkit.data import dataset_stats
 from mimkit.images import resize
+from mimkit.registry import registrar
 from mimkit.teachers import Teacher
 
 TOKENIZERS: dict[str, type["Tokenizer"]] = {}
-
-
-def register_tokenizer(kind: str) -> Callable[[type["Tokenizer"]], type["Tokenizer"]]:
-    """Class decorator: file `kind` and config key `kind=<kind>` name this class."""
-    def deco(cls: type["Tokenizer"]) -> type["Tokenizer"]:
-        cls.kind = kind
-        TOKENIZERS[kind] = cls
-        return cls
-    return deco
+register_tokenizer = registrar(TOKENIZERS, attr="kind")  # a file's `kind` and the config's kind=<kind> name it
 
 
 def tokenizer_class(kind: str, where: str = "kind") -> type["Tokenizer"]:

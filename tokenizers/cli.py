@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from mimkit.commands import Parser
+from mimkit.commands import Parser, add_config_args
 
 from .base import TOKENIZERS, Tokenizer
 from .config import tokenizer_config
@@ -43,8 +43,7 @@ def add_commands(subparsers) -> None:
     sub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=Parser)
     t = sub.add_parser("train", help="train a tokenizer; writes <output_dir>/tokenizer.pt and metrics.json",
                        epilog=f"{kinds_line()}\n{EXAMPLES}", formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("--config", action="append", default=[], metavar="FILE.yaml", help="YAML config file(s), in order")
-    t.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. vocab_size=512")
+    add_config_args(t, "vocab_size=512")
     t.set_defaults(func=cmd_train)
     i = sub.add_parser("info", help="print a tokenizer file's kind, grid, vocabulary and settings")
     i.add_argument("file")

@@ -4,7 +4,6 @@ defaults < the kind's recipe < the dataset's scale preset < YAML files < dotted 
 ConfigErrors."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 
 from mimkit.config import (DEVICES, PRECISIONS, CkptConfig, ConfigError, OptimConfig, build_config, check_range,
@@ -42,10 +41,8 @@ def config_class() -> type:
     """TokenizerRunConfig with `kind` and the section of every registered kind that has settings, as they are
     now."""
     sections = {kind: cls.Config for kind, cls in TOKENIZERS.items() if cls.Config is not None}
-    cls = make_config("TokenizerConfig", TokenizerRunConfig, sections, kinds=tuple(TOKENIZERS))
-    # make_config's `kind` has no default; here a run that names none keeps the historical one
-    return dataclasses.make_dataclass(cls.__name__, [("kind", str, choices(*TOKENIZERS, default=DEFAULT_KIND))],
-                                      bases=(cls,))
+    return make_config("TokenizerConfig", TokenizerRunConfig, sections, kinds=tuple(TOKENIZERS),
+                       default_kind=DEFAULT_KIND)
 
 
 def data_presets() -> dict[str, dict]:

@@ -172,9 +172,8 @@ class VQKD(Tokenizer):
 
     @classmethod
     def build(cls, cfg, teacher: Teacher | None, device: torch.device) -> "VQKD":
-        """A fresh VQ-KD whose decoder regresses `teacher`'s features (their width sizes its output). The
-        teacher is still where load_teacher left it (the CPU), where feature_dim runs its probe; `trainer` moves
-        it to the tokenizer's device."""
+        """A fresh VQ-KD whose decoder regresses `teacher`'s features (their width sizes its output); `trainer`
+        moves the teacher to the tokenizer's device."""
         v = cfg.vqkd
         tok = cls(**run_args(cfg), teacher_dim=teacher.feature_dim(), embed_dim=v.embed_dim, depth=v.depth,
                   num_heads=v.num_heads, code_dim=v.code_dim, decoder_depth=v.decoder_depth,

@@ -17,18 +17,12 @@ from torch import nn
 from mimkit.config import ConfigError
 from mimkit.heads import HEADS
 from mimkit.losses import LOSSES
+from mimkit.registry import registrar
 from mimkit.targets import TARGETS, TargetContext, build_target
 from mimkit.vit import build_encoder
 
 METHODS: dict[str, type["Method"]] = {}
-
-
-def register_method(name: str):
-    def deco(cls: type["Method"]) -> type["Method"]:
-        cls.name = name
-        METHODS[name] = cls
-        return cls
-    return deco
+register_method = registrar(METHODS)
 
 
 def target_context(cfg) -> TargetContext:

@@ -20,16 +20,10 @@ from torch import nn
 
 from mimkit.config import make_config
 from mimkit.data import dataset_stats
+from mimkit.registry import registrar
 
 TARGETS: dict[str, type["Target"]] = {}
-
-
-def register_target(name: str):
-    def deco(cls: type["Target"]) -> type["Target"]:
-        cls.name = name
-        TARGETS[name] = cls
-        return cls
-    return deco
+register_target = registrar(TARGETS)
 
 
 @dataclass
