@@ -40,6 +40,19 @@ def l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict:
     return {"loss": _per_patch(lambda a, b: (a - b).abs(), pred, target, mask)}
 
 
+def cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict:
+    """1 - cosine similarity per patch, averaged over masked patches (EVA; MILAN). EVA's official loss is this
+    up to the constant: minus the mean cosine similarity, the same gradients."""
+    if pred.dim() == 2:
+        return {"loss": (1 - F.cosine_similarity(pred.float(), target[mask].float(), dim=-1)).mean()}
+    return {"loss": masked_mean(1 - F.cosine_similarity(pred.float(), target.float(), dim=-1), mask)}
+
+
+def smooth_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict:
+    """Smooth-L1 with beta 1 (MaskDistill) per value, the per-patch mean averaged over masked patches."""
+    return {"loss": _per_patch(lambda a, b: F.smooth_l1_loss(a, b, reduction="none", beta=1.0), pred, target, mask)}
+
+
 def cross_entropy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict:
     """Cross-entropy over the vocabulary and arg-max accuracy at the masked positions (BEiT, ClusterMIM)."""
     if logits.dim() == 2:  # logits [M, V] at the masked positions
@@ -51,5 +64,6 @@ def cross_entropy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -
 
 
 # name -> (loss, whether it takes ids)
-LOSSES: dict[str, tuple[Callable[..., dict], bool]] = {"mse": (mse, False), "l1": (l1, False),
-                                                       "ce": (cross_entropy, True)}
+LOSSES: dict[str, tuple[Callable[..., dict], bool]] = {
+    "mse": (mse, False), "l1": (l1, False), "cosine": (cosine, False), "smooth_l1": (smooth_l1, False),
+    "ce": (cross_entropy, True)}

@@ -71,11 +71,41 @@ class Teacher(nn.Module):
             return tokens @ proj if proj is not None else tokens  # BEiT v2: CLIP tokens projected (512-d)
         return self.model(x)[:, 1:]
 
+    def blocks(self) -> nn.ModuleList:
+        """The transformer blocks, in order (timm ViTs, OpenCLIP's visual tower, mimkit encoders)."""
+        if self.spec["source"] == "openclip":
+            return self.model.transformer.resblocks
+        blocks = getattr(self.model, "blocks", None)
+        if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
+            raise ConfigError(f"teacher {self.spec.get('name', 'mimkit')} has no transformer blocks to take a layer "
+                              f"from; use layer 0 (its output features)")
+        return blocks
+
+    def block_tokens(self, x: torch.Tensor, layer: int) -> torch.Tensor:
+        """Patch tokens [B, n, D] of block `layer` (1-based; -1 = the last) before any final norm, read with a
+        forward hook during the teacher's ordinary forward (prefix tokens dropped)."""
+        blocks = self.blocks()
+        if not (1 <= layer <= len(blocks) or layer == -1):
+            raise ConfigError(f"teacher layer {layer} is out of range: the teacher has {len(blocks)} blocks "
+                              f"(1..{len(blocks)}, -1 = the last, 0 = its output features)")
+        seen = []
+        handle = blocks[layer - 1 if layer > 0 else -1].register_forward_hook(lambda m, i, out: seen.append(out))
+        try:
+            self.tokens(x)
+        finally:
+            handle.remove()
+        out = seen[0]
+        if self.spec["source"] == "openclip" and not getattr(self.model.transformer, "batch_first", True):
+            out = out.transpose(0, 1)  # [L, B, D] in older open_clip
+        prefix = getattr(self.model, "num_prefix_tokens", 1) if self.spec["source"] == "timm" else 1
+        return out[:, prefix:]
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, stats: tuple, grid: int) -> torch.Tensor:
-        """images normalized with stats=(mean, std) -> features [B, grid * grid, D] (float32)."""
+    def forward(self, images: torch.Tensor, stats: tuple, grid: int, layer: int = 0) -> torch.Tensor:
+        """images normalized with stats=(mean, std) -> features [B, grid * grid, D] (float32): the teacher's
+        output features (layer 0) or block `layer`'s raw tokens."""
         x = resize(renormalize(images, stats, (self.mean, self.std)), self.input_size)
-        feats = self.tokens(x).float()
+        feats = (self.tokens(x) if layer == 0 else self.block_tokens(x, layer)).float()
         B, n, D = feats.shape
         g = int(round(n ** 0.5))
         if g != grid:  # resample the feature map to the token grid

@@ -97,12 +97,12 @@ def test_short_run_loss_falls(cfg_factory, tokenizer_files, method):
     assert m["final_acc"] > 1 / 64  # above chance over the 64 ids
 
 
-def test_hits_panel_tints_masked_patches_by_correctness():
-    from mimkit.targets.tokens import hits_panel
+def test_score_panel_tints_masked_patches_by_correctness():
+    from mimkit.targets.panels import score_panel
     imgs = torch.full((1, 3, 4, 4), 0.5)  # synthetic stats (0.5, 0.25): pixels of value 0.625
     mask = torch.tensor([[True, True, False, False]])
     hits = torch.tensor([[True, False, True, False]])
-    panel = hits_panel(imgs, mask, hits, 2, "synthetic")
+    panel = score_panel(imgs, mask, hits, 2, "synthetic")
     scale = 64 // 4  # image_grid blows 4 px images up to 64 px, 2 px padding
     third = panel[:, 2 + 2 * (64 + 2):, 2:2 + 64]  # third row: the tinted image
     green, red, plain = third[:, 0, 0], third[:, 0, 2 * scale], third[:, 2 * scale, 0]

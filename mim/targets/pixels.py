@@ -7,20 +7,15 @@ from dataclasses import dataclass
 import torch
 
 from mimkit.data import denormalize
-from mimkit.images import image_grid, patchify, pixel_target, unpatchify
+from mimkit.images import image_grid, pixel_target, unpatchify
 
 from .base import Target, TargetContext, register_target
+from .panels import masked_images
 
 
 @dataclass
 class PixelsConfig:
     norm_pix: bool = False  # standardize each target patch by its own mean and variance (MAE: true)
-
-
-def masked_images(imgs: torch.Tensor, mask: torch.Tensor, p: int) -> torch.Tensor:
-    """The images with their masked patches blacked out (zeros in the normalized space)."""
-    patches = patchify(imgs, p)
-    return unpatchify(torch.where(mask.unsqueeze(-1), torch.zeros_like(patches), patches), p, imgs.shape[1])
 
 
 @register_target("pixels")

@@ -1,7 +1,6 @@
 """Token ids (BEiT: dVAE, BEiT v2: VQ-KD, ClusterMIM: k-means, and any kind in mimkit.tokenizers.TOKENIZERS):
 the id of each patch under a frozen tokenizer file, computed from the same augmented view the encoder sees
-(converted to the tokenizer's own normalization). The panel tints masked patches green where the arg-max
-prediction is the tokenizer's id and red where it is not."""
+(converted to the tokenizer's own normalization)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,30 +9,17 @@ from pathlib import Path
 import torch
 
 from mimkit.config import ConfigError
-from mimkit.data import denormalize
-from mimkit.images import image_grid, patchify, renormalize, unpatchify
+from mimkit.images import renormalize
 from mimkit.tokenizers.base import Tokenizer
 
 from .base import Frozen, Target, TargetContext, register_target
+from .panels import score_panel
 
 
 @dataclass
 class TokensConfig:
     tokenizer: str = ""  # path of a tokenizer file (`mimkit tokenizer train`)
     vocab_size: int = 0  # 0 = the tokenizer's; when set, checked against it
-
-
-def hits_panel(imgs: torch.Tensor, mask: torch.Tensor, hits: torch.Tensor, p: int, data_name: str) -> torch.Tensor:
-    """Rows original / masked / masked patches tinted green where the predicted id is the tokenizer's and red
-    where it is not."""
-    x = denormalize(imgs.float(), data_name)
-    patches = patchify(x, p)
-    green, red = (torch.tensor(c, device=x.device).repeat(p * p) for c in ([0.1, 0.9, 0.1], [0.9, 0.1, 0.1]))
-    tint = torch.where(hits.unsqueeze(-1), green, red)
-    m = mask.unsqueeze(-1)
-    masked = torch.where(m, torch.zeros_like(patches), patches)
-    tinted = torch.where(m, 0.5 * patches + 0.5 * tint, patches)
-    return image_grid([x, unpatchify(masked, p, x.shape[1]), unpatchify(tinted, p, x.shape[1])])
 
 
 def load_checked(cfg: TokensConfig, ctx: TargetContext) -> Tokenizer:
@@ -88,5 +74,6 @@ class Tokens(Target):
 
     @torch.no_grad()
     def panel(self, imgs, mask, pred):
+        """Masked patches green where the arg-max prediction is the tokenizer's id, red where it is not."""
         hits = pred.argmax(-1) == self(imgs)
-        return hits_panel(imgs, mask, hits, self.ctx.patch_size, self.ctx.data_name)
+        return score_panel(imgs, mask, hits, self.ctx.patch_size, self.ctx.data_name)

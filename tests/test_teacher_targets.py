@@ -1,0 +1,124 @@
+"""Continuous teacher targets (eva, maskdistill, milan): losses and feature normalization by hand, the teacher's
+block tokens, the methods' losses against a hand computation, the teacher outside the model, short runs."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mimkit import checkpoint
+from mimkit.cli import main
+from mimkit.config import ConfigError, to_dict
+from mimkit.losses import cosine, smooth_l1
+from mimkit.methods import build_method, pretrain_config
+from mimkit.targets.teacher import normalize
+from mimkit.teachers import load_teacher
+
+
+@pytest.fixture(scope="module")
+def teacher_ckpt(tmp_path_factory):
+    """A mimkit checkpoint on the synthetic preset (random weights: only the function matters here)."""
+    path = tmp_path_factory.mktemp("teacher") / "t.pt"
+    cfg = pretrain_config([], ["data.name=synthetic", "model.depth=3"])
+    torch.manual_seed(0)
+    checkpoint.save({"mimkit": "pretrain", "model": build_method(cfg).state_dict(), "config": to_dict(cfg)}, path)
+    return path
+
+
+def cfg_for(method, teacher_ckpt, tmp_path, *overrides):
+    return pretrain_config([], ["data.name=synthetic", f"method={method}", f"output_dir={tmp_path / method}",
+                                f"target.teacher.name=mimkit:{teacher_ckpt}", *overrides])
+
+
+def test_cosine_loss_by_hand():
+    pred = torch.tensor([[[1.0, 0.0], [1.0, 1.0], [0.0, 2.0]]])
+    target = torch.tensor([[[2.0, 0.0], [-1.0, -1.0], [1.0, 0.0]]])
+    mask = torch.tensor([[True, True, False]])
+    # cosines 1 and -1 on the masked patches: losses 0 and 2, mean 1; the visible patch does not count
+    assert cosine(pred, target, mask)["loss"].item() == pytest.approx(1.0)
+    assert cosine(pred[mask], target, mask)["loss"].item() == pytest.approx(1.0)  # head at masked positions only
+
+
+def test_smooth_l1_loss_by_hand():
+    pred = torch.tensor([[[0.0, 0.0], [5.0, 5.0]]])
+    target = torch.tensor([[[0.5, 3.0], [0.0, 0.0]]])
+    mask = torch.tensor([[True, False]])
+    # |d| = 0.5 -> 0.5 * 0.5^2 = 0.125; |d| = 3 -> 3 - 0.5 = 2.5; mean over the patch's 2 values
+    assert smooth_l1(pred, target, mask)["loss"].item() == pytest.approx((0.125 + 2.5) / 2)
+
+
+def test_feature_normalization_by_hand():
+    x = torch.tensor([[[1.0, 2.0, 3.0, 6.0]]])
+    mean, var = 3.0, ((4 + 1 + 0 + 9) / 4)  # LayerNorm: the population variance
+    assert torch.allclose(normalize(x, "layernorm"), (x - mean) / (var + 1e-6) ** 0.5)
+    assert torch.allclose(normalize(x, "l2"), x / x.norm())
+    assert torch.equal(normalize(x, "none"), x)
+
+
+def test_teacher_block_tokens_are_the_blocks_raw_outputs(teacher_ckpt):
+    teacher = load_teacher(f"mimkit:{teacher_ckpt}")
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        final, layers = teacher.model(x, return_layers=(0, 2))
+        assert torch.equal(teacher.tokens(x), final[:, 1:])
+        assert torch.equal(teacher.block_tokens(x, 1), layers[0][:, 1:])
+        assert torch.equal(teacher.block_tokens(x, -1), layers[1][:, 1:])  # the last of 3 blocks, before the norm
+    with pytest.raises(ConfigError, match="out of range"):
+        teacher.block_tokens(x, 4)
+
+
+def test_eva_loss_is_one_minus_cosine_at_masked_positions(teacher_ckpt, tmp_path):
+    model = build_method(cfg_for("eva", teacher_ckpt, tmp_path)).eval()
+    imgs, mask = torch.randn(3, 3, 16, 16), torch.rand(3, 16).argsort(1) < 6
+    with torch.no_grad():
+        out = model(imgs, mask)
+        pred = F.linear(model.encoder(imgs, mask, mode="token")[:, 1:][mask], model.head.weight, model.head.bias)
+        target = model.target.teacher(imgs, ((0.5,) * 3, (0.25,) * 3), 4)[mask]
+    assert out["loss"].item() == pytest.approx((1 - F.cosine_similarity(pred, target, dim=-1)).mean().item(), rel=1e-5)
+    assert not any(k.startswith(("teacher", "target")) for k in model.state_dict())
+    assert model.head.out_features == model.encoder.embed_dim  # the mimkit teacher's features: same width
+
+
+def test_maskdistill_target_is_the_last_blocks_tokens_layer_normalized(teacher_ckpt, tmp_path):
+    cfg = cfg_for("maskdistill", teacher_ckpt, tmp_path)
+    assert (cfg.target.teacher.layer, cfg.target.teacher.norm, cfg.loss) == (-1, "layernorm", "smooth_l1")
+    model = build_method(cfg).eval()
+    imgs = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        raw = model.target.teacher.model(imgs, return_layers=(-1,))[1][0][:, 1:]  # same stats and size: no resize
+        want = F.layer_norm(raw, raw.shape[-1:], eps=1e-6)
+        assert torch.allclose(model.target(imgs), want, atol=1e-5)
+
+
+def test_milan_drops_masked_patches_and_decodes_teacher_features(teacher_ckpt, tmp_path):
+    model = build_method(cfg_for("milan", teacher_ckpt, tmp_path))
+    assert model.predictor.encoder_mode == "drop" and model.decoder.pred.out_features == model.target.out_dim
+
+
+@pytest.mark.parametrize("method", ["eva", "maskdistill", "milan"])
+def test_short_run_loss_falls_and_probes_read_the_checkpoint(teacher_ckpt, tmp_path, method):
+    out = tmp_path / method
+    assert main(["pretrain", "data.name=synthetic", f"method={method}", "epochs=4", "data.synthetic_size=256",
+                 f"target.teacher.name=mimkit:{teacher_ckpt}", "optim.blr=2e-3", "optim.lr_batch_ref=256",
+                 "optim.warmup_epochs=1", f"output_dir={out}"]) == 0
+    m = json.loads((out / "metrics.json").read_text())
+    assert m["final_loss"] < 0.95 * m["first_loss"], m["loss_history"]
+    assert (out / "reconstructions.png").exists()  # the cosine panel
+    assert main(["probe", "knn", "--checkpoint", str(out / "checkpoints" / "last.pt"),
+                 f"output_dir={tmp_path / 'knn'}"]) == 0
+
+
+def test_teacher_target_mistakes_are_one_line(tmp_path, capsys):
+    assert main(["pretrain", "data.name=synthetic", "method=eva", f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "target.teacher.name" in capsys.readouterr().err
+    assert main(["pretrain", "data.name=synthetic", "method=eva", "target.teacher.norm=batch",
+                 f"output_dir={tmp_path / 'x'}"]) == 2
+    assert "layernorm" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["eva", "maskdistill", "milan"])
+def test_shipped_digits_configs_name_the_default_jobs_encoder_as_teacher(method):
+    from conftest import REPO
+    cfg = pretrain_config([str(REPO / "configs" / "pretrain" / f"{method}_digits.yaml")], [])
+    assert cfg.method == method and cfg.target.kind == "teacher"
+    assert cfg.target.teacher.name == "mimkit:runs/mae_digits/checkpoints/last.pt"
