@@ -106,13 +106,7 @@ class Teacher(nn.Module):
         output features (layer 0) or block `layer`'s raw tokens."""
         x = resize(renormalize(images, stats, (self.mean, self.std)), self.input_size)
         feats = (self.tokens(x) if layer == 0 else self.block_tokens(x, layer)).float()
-        B, n, D = feats.shape
-        g = int(round(n ** 0.5))
-        if g != grid:  # resample the feature map to the token grid
-            fmap = feats.transpose(1, 2).reshape(B, D, g, g)
-            fmap = F.interpolate(fmap, size=(grid, grid), mode="bilinear", align_corners=False, antialias=g > grid)
-            feats = fmap.flatten(2).transpose(1, 2)
-        return feats
+        return to_grid(feats, grid, self.spec.get("name", "mimkit"))
 
     @torch.no_grad()
     def feature_dim(self) -> int:
@@ -120,6 +114,23 @@ class Teacher(nn.Module):
         first = next(self.model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
         return self.tokens(torch.zeros(1, 3, self.input_size, self.input_size, device=device)).shape[-1]
+
+
+def to_grid(feats: torch.Tensor, grid: int, name: str = "") -> torch.Tensor:
+    """Patch features [B, g * g, D] on the teacher's g x g grid -> [B, grid * grid, D] on the encoder's, by area
+    interpolation of the feature map: each encoder patch gets the mean of the teacher features it covers (g a
+    multiple of grid), or the one teacher feature that covers it (grid a multiple of g). Grids where neither
+    divides the other would mix patches unevenly and are refused."""
+    B, n, D = feats.shape
+    g = int(round(n ** 0.5))
+    if g == grid:
+        return feats
+    if g % grid and grid % g:
+        raise ConfigError(f"teacher {name} gives a {g}x{g} grid of patch features and the encoder has {grid}x{grid} "
+                          f"patches; one must divide the other: set teacher.img_size (or the data's img_size / "
+                          f"patch size) so that they do")
+    fmap = F.interpolate(feats.transpose(1, 2).reshape(B, D, g, g), size=(grid, grid), mode="area")
+    return fmap.flatten(2).transpose(1, 2)
 
 
 def _timm_model(spec: dict):

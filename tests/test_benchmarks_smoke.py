@@ -9,11 +9,13 @@ from benchmarks.__main__ import main
 
 def test_step_peer_machine_entry_points_write_results(tmp_path, monkeypatch):
     monkeypatch.setenv("MIMKIT_BENCH_RESULTS", str(tmp_path))
-    main(["step", "peer", "machine", "--preset", "tiny", "--repeats", "1", "--methods", "mae", "simmim", "clustermim"])
+    main(["step", "peer", "machine", "--preset", "tiny", "--repeats", "1", "--methods", "mae", "simmim", "clustermim",
+          "eva"])
     step = json.loads((tmp_path / "step.json").read_text())
-    assert [r["method"] for r in step["rows"]] == ["mae", "simmim", "clustermim"], step["skipped"]
+    assert [r["method"] for r in step["rows"]] == ["mae", "simmim", "clustermim", "eva"], step["skipped"]
     assert step["machine"]["torch"] and all(r["images_per_s"] > 0 for r in step["rows"])
-    assert "tokenizer_overhead" in step["rows"][2]  # clustermim got an in-process k-means tokenizer
+    assert step["rows"][2]["target_overhead"]["target"] == "tokens"  # clustermim: an in-process k-means tokenizer
+    assert step["rows"][3]["target_overhead"]["target"] == "teacher"  # eva: a random encoder as teacher
     peer = json.loads((tmp_path / "peer.json").read_text())
     assert peer["rows"]["mimkit"]["flops_per_step"] > 0
     machine = json.loads((tmp_path / "machine.json").read_text())

@@ -122,3 +122,40 @@ def test_shipped_digits_configs_name_the_default_jobs_encoder_as_teacher(method)
     cfg = pretrain_config([str(REPO / "configs" / "pretrain" / f"{method}_digits.yaml")], [])
     assert cfg.method == method and cfg.target.kind == "teacher"
     assert cfg.target.teacher.name == "mimkit:runs/mae_digits/checkpoints/last.pt"
+
+
+def test_teacher_features_meet_the_encoder_grid_by_area_interpolation():
+    from mimkit.teachers import to_grid
+    feats = torch.arange(16.0).view(1, 16, 1)  # a 4x4 grid, value = raster index
+    down = to_grid(feats, 2)  # each 2x2 block's mean
+    assert down.view(2, 2).tolist() == [[(0 + 1 + 4 + 5) / 4, (2 + 3 + 6 + 7) / 4], [(8 + 9 + 12 + 13) / 4,
+                                                                                      (10 + 11 + 14 + 15) / 4]]
+    up = to_grid(feats, 8)  # each teacher feature over the 2x2 encoder patches it covers
+    assert torch.equal(up.view(8, 8), feats.view(4, 4).repeat_interleave(2, 0).repeat_interleave(2, 1))
+    assert to_grid(feats, 4) is feats
+    with pytest.raises(ConfigError, match="one must divide the other"):
+        to_grid(feats, 3)
+
+
+TEACHERS = ["vit_base_patch16_clip_224.openai", "vit_large_patch14_clip_224.openai",
+            "eva02_base_patch16_clip_224.merged2b", "vit_base_patch16_siglip_224.webli", "vit_small_patch16_224.dino",
+            "vit_base_patch16_224.dino", "vit_small_patch14_dinov2.lvd142m"]
+
+
+@pytest.mark.parametrize("name", TEACHERS)
+def test_readme_teacher_architectures_load_from_a_local_file(name, tmp_path):
+    """Each architecture of README's teacher table, built from timm with random weights (one block: the loader's
+    handling of prefix tokens, positions and normalization does not depend on depth), saved, loaded back as a
+    teacher and run on the encoder's grid. Nothing is downloaded."""
+    from mimkit.teachers import Teacher, _load_timm_state, read_state_dict
+    spec = {"source": "timm", "name": name, "kwargs": {"depth": 1}}
+    torch.manual_seed(0)
+    source = Teacher(spec)
+    torch.save(source.model.state_dict(), tmp_path / "w.pth")
+    teacher = Teacher(spec)
+    _load_timm_state(teacher.model, read_state_dict(str(tmp_path / "w.pth")), str(tmp_path / "w.pth"))
+    imgs = torch.randn(1, 3, 32, 32)
+    grid = teacher.input_size // teacher.model.patch_embed.patch_size[0]  # its native grid: 14, 16 or 37
+    feats = teacher(imgs, ((0.5,) * 3, (0.25,) * 3), grid)
+    assert feats.shape == (1, grid * grid, teacher.feature_dim())
+    assert torch.equal(feats, source(imgs, ((0.5,) * 3, (0.25,) * 3), grid))
