@@ -16,9 +16,27 @@ FREED_MEMORY_KEPT = False  # what `python -m benchmarks` got from mimkit.dist.ke
 SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 
 
+def cpu_description() -> dict:
+    """The CPU's model, vendor and the vector extensions that decide how fast (and in which order) its BLAS
+    kernels sum: figures are only compared between CPUs of one kind."""
+    model = vendor = flags = ""
+    path = Path("/proc/cpuinfo")
+    for line in (path.read_text().splitlines() if path.exists() else []):
+        key, _, value = line.partition(":")
+        key, value = key.strip(), value.strip()
+        if key == "model name" and not model:
+            model = value
+        elif key == "vendor_id" and not vendor:
+            vendor = value
+        elif key == "flags" and not flags:
+            flags = f" {value} "
+    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f} " in flags]
+    return {"model": model or platform.processor() or platform.machine(), "vendor": vendor, "isa": isa}
+
+
 def machine_info() -> dict:
-    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or
-            platform.machine(), "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+    return {"python": platform.python_version(), "torch": torch.__version__, "cpu": cpu_description(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
             "keep_freed_memory": FREED_MEMORY_KEPT,
             "load_average": os.getloadavg() if hasattr(os, "getloadavg") else None,

@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.common import cpu_description
 from mimkit.cli import main
 
 GOLDEN = Path(__file__).parent / "golden" / "values.json"
@@ -29,15 +30,8 @@ STEPS = ["data.name=synthetic", "data.synthetic_size=32", "batch_size=32", "epoc
 
 
 def machine() -> dict:
-    flags = vendor = ""
-    if Path("/proc/cpuinfo").exists():
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("vendor_id") and not vendor:
-                vendor = line.split(":")[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = line
-    isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {f}" in flags]
-    return {"arch": platform.machine(), "vendor": vendor, "isa": isa, "threads": torch.get_num_threads(),
+    cpu = cpu_description()
+    return {"arch": platform.machine(), "vendor": cpu["vendor"], "isa": cpu["isa"], "threads": torch.get_num_threads(),
             "torch": torch.__version__}
 
 

@@ -76,6 +76,8 @@ def test_eva_loss_is_one_minus_cosine_at_masked_positions(teacher_ckpt, tmp_path
         target = model.target.teacher(imgs, ((0.5,) * 3, (0.25,) * 3), 4)[mask]
     assert out["loss"].item() == pytest.approx((1 - F.cosine_similarity(pred, target, dim=-1)).mean().item(), rel=1e-5)
     assert not any(k.startswith(("teacher", "target")) for k in model.state_dict())
+    teacher_params = {p.data_ptr() for p in model.target.teacher.parameters()}
+    assert teacher_params and not teacher_params & {p.data_ptr() for p in model.parameters()}  # not in the optimizer
     assert model.head.out_features == model.encoder.embed_dim  # the mimkit teacher's features: same width
 
 
@@ -106,6 +108,7 @@ def test_short_run_loss_falls_and_probes_read_the_checkpoint(teacher_ckpt, tmp_p
     assert (out / "reconstructions.png").exists()  # the cosine panel
     assert main(["probe", "knn", "--checkpoint", str(out / "checkpoints" / "last.pt"),
                  f"output_dir={tmp_path / 'knn'}"]) == 0
+    assert main(["export", "--checkpoint", str(out / "checkpoints" / "last.pt"), "--out", str(tmp_path / "vit.pt")]) == 0
 
 
 def test_teacher_target_mistakes_are_one_line(tmp_path, capsys):
@@ -117,11 +120,15 @@ def test_teacher_target_mistakes_are_one_line(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("method", ["eva", "maskdistill", "milan"])
-def test_shipped_digits_configs_name_the_default_jobs_encoder_as_teacher(method):
+@pytest.mark.parametrize("preset", ["digits", "vit_tiny_cifar10", "vit_base_imagenet"])
+def test_shipped_configs_name_a_teacher(method, preset):
     from conftest import REPO
-    cfg = pretrain_config([str(REPO / "configs" / "pretrain" / f"{method}_digits.yaml")], [])
-    assert cfg.method == method and cfg.target.kind == "teacher"
-    assert cfg.target.teacher.name == "mimkit:runs/mae_digits/checkpoints/last.pt"
+    from mimkit.methods import validate
+    cfg = pretrain_config([str(REPO / "configs" / "pretrain" / f"{method}_{preset}.yaml")], ["data.root=/x"])
+    validate(cfg)
+    assert cfg.method == method and cfg.target.kind == "teacher" and cfg.target.teacher.name
+    if preset == "digits":  # the default job's encoder
+        assert cfg.target.teacher.name == "mimkit:runs/mae_digits/checkpoints/last.pt"
 
 
 def test_teacher_features_meet_the_encoder_grid_by_area_interpolation():
@@ -159,3 +166,23 @@ def test_readme_teacher_architectures_load_from_a_local_file(name, tmp_path):
     feats = teacher(imgs, ((0.5,) * 3, (0.25,) * 3), grid)
     assert feats.shape == (1, grid * grid, teacher.feature_dim())
     assert torch.equal(feats, source(imgs, ((0.5,) * 3, (0.25,) * 3), grid))
+
+
+def test_eva_resume_is_bitwise_exact(teacher_ckpt, tmp_path, monkeypatch):
+    from mimkit import engine
+    common = ["data.name=synthetic", "method=eva", "epochs=3", "data.synthetic_size=64",
+              f"target.teacher.name=mimkit:{teacher_ckpt}", "optim.lr_batch_ref=256"]
+    assert main(["pretrain", *common, f"output_dir={tmp_path / 'a'}"]) == 0
+    real_save = engine.save_checkpoint
+
+    def save_then_die(path, model, optimizer, epoch, *a, **k):
+        real_save(path, model, optimizer, epoch, *a, **k)
+        if epoch == 0:
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    assert main(["pretrain", *common, f"output_dir={tmp_path / 'b'}"]) == 130
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    assert main(["pretrain", *common, f"output_dir={tmp_path / 'b'}"]) == 0
+    a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
