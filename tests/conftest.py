@@ -19,6 +19,20 @@ def make_cfg(tmp_path, *overrides: str):
     return pretrain_config([], ["data.name=synthetic", f"output_dir={tmp_path / 'run'}", *overrides])
 
 
+def die_after_first_checkpoint(monkeypatch) -> None:
+    """Make pretraining stop (KeyboardInterrupt) right after it writes its first epoch's checkpoint; undo with
+    monkeypatch.undo()."""
+    from mimkit import engine
+    real_save = engine.save_checkpoint
+
+    def save_then_die(path, model, optimizer, epoch, *a, **k):
+        real_save(path, model, optimizer, epoch, *a, **k)
+        if epoch == 0:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+
+
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda *o: make_cfg(tmp_path, *o)

@@ -4,6 +4,7 @@ import math
 import pytest
 import torch
 
+from conftest import die_after_first_checkpoint
 from mimkit import engine
 from mimkit.checkpoint import load
 from mimkit.config import ConfigError
@@ -37,18 +38,11 @@ def test_short_run_loss_falls_and_writes_run_dir(cfg_factory):
 def test_resume_is_bitwise_exact(cfg_factory, tmp_path, monkeypatch, precision):
     common = ("epochs=3", "model.drop_path=0.1", f"precision={precision}")
     full = train(cfg_factory(*common, f"output_dir={tmp_path / 'a'}"))
-    real_save = engine.save_checkpoint
-
-    def save_then_die(path, model, optimizer, epoch, *a, **k):
-        real_save(path, model, optimizer, epoch, *a, **k)
-        if epoch == 0:
-            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    die_after_first_checkpoint(monkeypatch)
     cfg_b = cfg_factory(*common, f"output_dir={tmp_path / 'b'}")
     with pytest.raises(KeyboardInterrupt):
         train(cfg_b)
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    monkeypatch.undo()
     resumed = train(cfg_factory(*common, f"output_dir={tmp_path / 'b'}"))
     a = load(tmp_path / "a" / "checkpoints" / "last.pt")["model"]
     b = load(tmp_path / "b" / "checkpoints" / "last.pt")["model"]

@@ -169,20 +169,13 @@ def test_readme_teacher_architectures_load_from_a_local_file(name, tmp_path):
 
 
 def test_eva_resume_is_bitwise_exact(teacher_ckpt, tmp_path, monkeypatch):
-    from mimkit import engine
+    from conftest import die_after_first_checkpoint
     common = ["data.name=synthetic", "method=eva", "epochs=3", "data.synthetic_size=64",
               f"target.teacher.name=mimkit:{teacher_ckpt}", "optim.lr_batch_ref=256"]
     assert main(["pretrain", *common, f"output_dir={tmp_path / 'a'}"]) == 0
-    real_save = engine.save_checkpoint
-
-    def save_then_die(path, model, optimizer, epoch, *a, **k):
-        real_save(path, model, optimizer, epoch, *a, **k)
-        if epoch == 0:
-            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
-
-    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    die_after_first_checkpoint(monkeypatch)
     assert main(["pretrain", *common, f"output_dir={tmp_path / 'b'}"]) == 130
-    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    monkeypatch.undo()
     assert main(["pretrain", *common, f"output_dir={tmp_path / 'b'}"]) == 0
     a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
