@@ -37,6 +37,9 @@ class TeacherConfig:
     name: str = ""  # timm:<model> | openclip:<model> | mimkit:<pretrain checkpoint>
     weights: str = ""  # local weights file (timm, openclip); nothing is downloaded
     img_size: int = 0  # timm: teacher input size (0 = the model's default)
+    # 0: the teacher's output features (after its final norm; OpenCLIP: after ln_post and the projection);
+    # k: the raw tokens of block k (1-based), -1: of the last block (MaskDistill's target)
+    layer: int = 0
 
 
 class Teacher(nn.Module):
@@ -81,15 +84,20 @@ class Teacher(nn.Module):
                               f"from; use layer 0 (its output features)")
         return blocks
 
+    def block_index(self, layer: int) -> int:
+        """The 0-based index of block `layer` (1-based; -1 = the last); out of range is a ConfigError."""
+        n = len(self.blocks())
+        if not (1 <= layer <= n or layer == -1):
+            raise ConfigError(f"teacher.layer={layer} is out of range: the teacher has {n} blocks (1..{n}, -1 = the "
+                              f"last, 0 = its output features)")
+        return layer - 1 if layer > 0 else n - 1
+
     def block_tokens(self, x: torch.Tensor, layer: int) -> torch.Tensor:
         """Patch tokens [B, n, D] of block `layer` (1-based; -1 = the last) before any final norm, read with a
         forward hook during the teacher's ordinary forward (prefix tokens dropped)."""
-        blocks = self.blocks()
-        if not (1 <= layer <= len(blocks) or layer == -1):
-            raise ConfigError(f"teacher layer {layer} is out of range: the teacher has {len(blocks)} blocks "
-                              f"(1..{len(blocks)}, -1 = the last, 0 = its output features)")
         seen = []
-        handle = blocks[layer - 1 if layer > 0 else -1].register_forward_hook(lambda m, i, out: seen.append(out))
+        block = self.blocks()[self.block_index(layer)]
+        handle = block.register_forward_hook(lambda m, i, out: seen.append(out))
         try:
             self.tokens(x)
         finally:
@@ -100,12 +108,18 @@ class Teacher(nn.Module):
         prefix = getattr(self.model, "num_prefix_tokens", 1) if self.spec["source"] == "timm" else 1
         return out[:, prefix:]
 
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The patch features [B, n, D] of spec["layer"] (0: the output features) of images already at
+        input_size in the teacher's normalization."""
+        layer = self.spec.get("layer", 0)
+        return self.tokens(x) if layer == 0 else self.block_tokens(x, layer)
+
     @torch.no_grad()
-    def forward(self, images: torch.Tensor, stats: tuple, grid: int, layer: int = 0) -> torch.Tensor:
-        """images normalized with stats=(mean, std) -> features [B, grid * grid, D] (float32): the teacher's
-        output features (layer 0) or block `layer`'s raw tokens."""
+    def forward(self, images: torch.Tensor, stats: tuple, grid: int) -> torch.Tensor:
+        """images normalized with stats=(mean, std) -> features [B, grid * grid, D] (float32) of the teacher's
+        layer."""
         x = resize(renormalize(images, stats, (self.mean, self.std)), self.input_size)
-        feats = (self.tokens(x) if layer == 0 else self.block_tokens(x, layer)).float()
+        feats = self.features(x).float()
         return to_grid(feats, grid, self.spec.get("name", "mimkit"))
 
     @torch.no_grad()
@@ -113,7 +127,7 @@ class Teacher(nn.Module):
         """D of the patch features, probed with one blank image on the teacher's own device."""
         first = next(self.model.parameters(), None)
         device = first.device if first is not None else torch.device("cpu")
-        return self.tokens(torch.zeros(1, 3, self.input_size, self.input_size, device=device)).shape[-1]
+        return self.features(torch.zeros(1, 3, self.input_size, self.input_size, device=device)).shape[-1]
 
 
 def to_grid(feats: torch.Tensor, grid: int, name: str = "") -> torch.Tensor:
@@ -191,9 +205,18 @@ def read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def load_teacher(name: str, weights: str = "", img_size: int = 0) -> Teacher:
-    """`timm:<name>`, `openclip:<name>` or `mimkit:<checkpoint>` with its local weights, frozen (the values of a
-    TeacherConfig)."""
+def load_teacher(name: str, weights: str = "", img_size: int = 0, layer: int = 0) -> Teacher:
+    """`timm:<name>`, `openclip:<name>` or `mimkit:<checkpoint>` with its local weights, frozen, giving the
+    features of `layer` (the values of a TeacherConfig). The layer is part of the teacher's spec, so a tokenizer
+    file that holds the teacher encodes with the same layer."""
+    teacher = _load(name, weights, img_size)
+    teacher.spec["layer"] = layer
+    if layer:
+        teacher.block_index(layer)  # out of range: one error now, not at the first step
+    return teacher
+
+
+def _load(name: str, weights: str, img_size: int) -> Teacher:
     source, sep, rest = name.partition(":")
     if not sep or source not in SOURCES or not rest:
         raise ConfigError(f"teacher.name={name!r} is not valid; use timm:<model> (with teacher.weights), "

@@ -179,3 +179,24 @@ def test_eva_resume_is_bitwise_exact(teacher_ckpt, tmp_path, monkeypatch):
     assert main(["pretrain", *common, f"output_dir={tmp_path / 'b'}"]) == 0
     a, b = (torch.load(tmp_path / d / "checkpoints" / "last.pt", weights_only=True)["model"] for d in "ab")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_teacher_layer_is_one_key_for_every_command(teacher_ckpt, tmp_path, capsys):
+    """teacher.layer in `mimkit tokenizer train`: a k-means tokenizer on block 1's tokens keeps the layer in its
+    file and encodes with it; an out-of-range layer is one error line before anything is written."""
+    from mimkit.tokenizers import Tokenizer
+    out = tmp_path / "km"
+    assert main(["tokenizer", "train", "kind=kmeans", "data.name=synthetic", "vocab_size=8", "kmeans.features=teacher",
+                 f"teacher.name=mimkit:{teacher_ckpt}", "teacher.layer=1", "kmeans.max_samples=2048",
+                 f"output_dir={out}"]) == 0
+    tok = Tokenizer.load(out / "tokenizer.pt")
+    assert tok.teacher.spec["layer"] == 1
+    imgs = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        block1 = tok.teacher.model(imgs, return_layers=(0,))[1][0][:, 1:]  # same stats and size as the data
+        assert torch.allclose(tok.features(imgs), F.normalize(block1, dim=-1), atol=1e-6)
+    capsys.readouterr()
+    assert main(["tokenizer", "train", "kind=vqkd", "data.name=synthetic", f"teacher.name=mimkit:{teacher_ckpt}",
+                 "teacher.layer=9", f"output_dir={tmp_path / 'vq'}"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "teacher.layer=9" in err[0] and not (tmp_path / "vq").exists()

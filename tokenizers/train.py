@@ -55,7 +55,7 @@ def load_cfg_teacher(cfg) -> Teacher | None:
     if not tokenizer_class(cfg.kind).needs_teacher(cfg):
         return None
     t = cfg.teacher
-    return load_teacher(t.name, t.weights, t.img_size)
+    return load_teacher(t.name, t.weights, t.img_size, t.layer)
 
 
 @dataclass

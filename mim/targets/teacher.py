@@ -20,9 +20,6 @@ NORMS = ("none", "layernorm", "l2")
 
 @dataclass
 class TeacherTargetConfig(TeacherConfig):
-    # 0: the teacher's output features (after its final norm; OpenCLIP: after ln_post and the projection);
-    # k: the raw tokens of block k (1-based), -1: of the last block (MaskDistill)
-    layer: int = 0
     # per patch over the features: LayerNorm without affine, (x - mean) / sqrt(var + 1e-6) (MaskDistill), or unit
     # length
     norm: str = choices(*NORMS, default="none")
@@ -47,13 +44,13 @@ class TeacherFeatures(Target):
         if not cfg.name:
             raise ConfigError("target.kind=teacher needs target.teacher.name (timm:<model>, openclip:<model> or "
                               "mimkit:<checkpoint>)")
-        self.teacher = load_teacher(cfg.name, cfg.weights, cfg.img_size)
+        self.teacher = load_teacher(cfg.name, cfg.weights, cfg.img_size, cfg.layer)
         self.features = Frozen(self.teacher)
         self.out_dim = self(torch.zeros(1, ctx.in_chans, ctx.img_size, ctx.img_size)).shape[-1]
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         """Teacher features [B, N, D] (float32) at the encoder's grid, normalized per patch."""
-        return normalize(self.features(images, self.ctx.stats, self.ctx.grid, self.cfg.layer), self.cfg.norm)
+        return normalize(self.features(images, self.ctx.stats, self.ctx.grid), self.cfg.norm)
 
     @torch.no_grad()
     def panel(self, imgs, mask, pred):
