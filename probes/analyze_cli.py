@@ -62,7 +62,7 @@ def add_commands(sub) -> None:
                             "masked patches", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     q.add_argument("--checkpoint", required=True, metavar="CKPT", help="a beit, beitv2 or clustermim checkpoint")
     q.add_argument("--tokenizer", action="append", default=[], metavar="FILE",
-                   help="the model's target tokenizer (default: the checkpoint's target.tokenizer)")
+                   help="the model's target tokenizer (default: the checkpoint's target.tokens.tokenizer)")
     for c, func in ((t, cmd_tokens), (q, cmd_predictions)):
         c.add_argument("--config", action="append", default=[], metavar="FILE.yaml", help="YAML config file(s), in order")
         c.add_argument("--out", default="", metavar="DIR", help="output directory (the run-directory contract)")
