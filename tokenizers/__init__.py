@@ -1,7 +1,8 @@
 """Tokenizers that turn images into discrete targets, one module per kind; importing the package registers them
 in TOKENIZERS (kmeans: ClusterMIM, dvae: BEiT, vqkd: BEiT v2)."""
-from .base import TOKENIZERS, Tokenizer, Training, codebook_stats, count_stats, register_tokenizer, tokenizer_class
+from .base import (TOKENIZERS, FitTraining, GradientTraining, Tokenizer, TrainableTokenizer, Training, codebook_stats,
+                   count_stats, register_tokenizer, tokenizer_class)
 from . import kmeans, dvae, vqkd  # noqa: F401  (each registers its kind, in this order)
 
-__all__ = ["TOKENIZERS", "Tokenizer", "Training", "codebook_stats", "count_stats", "register_tokenizer",
-           "tokenizer_class"]
+__all__ = ["TOKENIZERS", "FitTraining", "GradientTraining", "Tokenizer", "TrainableTokenizer", "Training",
+           "codebook_stats", "count_stats", "register_tokenizer", "tokenizer_class"]

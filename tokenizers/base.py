@@ -32,7 +32,7 @@ TOKENIZERS: dict[str, type["Tokenizer"]] = {}
 register_tokenizer = registrar(TOKENIZERS, attr="kind")  # a file's `kind` and the config's kind=<kind> name it
 
 
-def tokenizer_class(kind: str, where: str = "kind") -> type["Tokenizer"]:
+def tokenizer_class(kind: str, where: str = "kind") -> type["TrainableTokenizer"]:
     """The registered class of `kind`; an unknown kind is a ConfigError naming the valid ones."""
     if kind not in TOKENIZERS:
         raise ConfigError(f"{where}={kind!r} is not a tokenizer kind; choose one of: {', '.join(TOKENIZERS)}")
@@ -40,23 +40,12 @@ def tokenizer_class(kind: str, where: str = "kind") -> type["Tokenizer"]:
 
 
 class Training:
-    """A kind's training step for `mimkit tokenizer train`. With `gradient` true the shared gradient loop
-    (mimkit.loop) trains the tokenizer on `loss`; otherwise `fit` does all the training in one call (k-means, or
-    an imported tokenizer that needs none)."""
-
-    gradient: bool = True
+    """A kind's training step for `mimkit tokenizer train`: what every kind shares (held-out evaluation, the
+    panel). A kind trains either through the shared gradient loop (`GradientTraining`) or in one call
+    (`FitTraining`: k-means, an imported tokenizer)."""
 
     def __init__(self, tok: "Tokenizer"):
         self.tok = tok
-
-    def loss(self, imgs: torch.Tensor, progress: float) -> dict[str, Any]:
-        """{"loss": scalar tensor, other scalars (0-d tensors on the device, or floats)} for training images
-        [B, 3, H, W]; `progress` in [0, 1) is the share of training done (for schedules)."""
-        raise NotImplementedError(f"{type(self).__name__} has no gradient training")
-
-    def fit(self, train_set, device: torch.device, log: Callable[[str], None]) -> dict:
-        """Train without the gradient loop; returns statistics for metrics.json."""
-        raise NotImplementedError(f"{type(self).__name__} is trained by the gradient loop")
 
     @torch.no_grad()
     def evaluate(self, imgs: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
@@ -69,11 +58,28 @@ class Training:
         return None
 
 
+class GradientTraining(Training, ABC):
+    """Trained by the shared gradient loop (mimkit.loop) on `loss`."""
+
+    @abstractmethod
+    def loss(self, imgs: torch.Tensor, progress: float) -> dict[str, Any]:
+        """{"loss": scalar tensor, other scalars (0-d tensors on the device, or floats)} for training images
+        [B, 3, H, W]; `progress` in [0, 1) is the share of training done (for schedules)."""
+
+
+class FitTraining(Training, ABC):
+    """Trained in one call, without the gradient loop."""
+
+    @abstractmethod
+    def fit(self, train_set, device: torch.device, log: Callable[[str], None]) -> dict:
+        """Train on the training set; returns statistics for metrics.json."""
+
+
 class Tokenizer(nn.Module, ABC):
     """Base class. Subclasses implement `_encode(images at img_size) -> ids [B, N]` and list their extra
-    constructor arguments in `hparams()` (plain values) so that `save`/`load` can rebuild them; to be trained by
-    `mimkit tokenizer train` they implement `build` and `trainer` and may set `Config`, `recipe`,
-    `check_config` and `needs_teacher`."""
+    constructor arguments in `hparams()` (plain values) so that `save`/`load` can rebuild them. A kind that
+    `mimkit tokenizer train` trains is a `TrainableTokenizer` and may set `Config`, `recipe`, `check_config` and
+    `needs_teacher`."""
 
     kind: str = ""
     paper: str = ""  # where the kind comes from (CLI help)
@@ -116,15 +122,6 @@ class Tokenizer(nn.Module, ABC):
         """Whether a run with this config loads the frozen teacher of `teacher.name`."""
         return False
 
-    @classmethod
-    def build(cls, cfg, teacher: Teacher | None, device: torch.device) -> "Tokenizer":
-        """The untrained tokenizer of a run config, on `device`."""
-        raise NotImplementedError(f"tokenizer kind {cls.kind} cannot be trained by mimkit tokenizer train")
-
-    def trainer(self, cfg, teacher: Teacher | None) -> Training:
-        """This tokenizer's training step for a run config."""
-        return Training(self)
-
     def save(self, path: str | Path, extra: dict | None = None) -> None:
         state = {k: v.detach().cpu() for k, v in self.state_dict().items()}
         checkpoint.save({"mimkit": "tokenizer", "kind": self.kind, "config": self.config(), "state": state,
@@ -142,6 +139,19 @@ class Tokenizer(nn.Module, ABC):
             raise checkpoint.CheckpointError(f"{path} does not fit a {cls.kind} tokenizer with its own config "
                                              f"({str(e).splitlines()[0]})") from None
         return tok.eval()
+
+
+class TrainableTokenizer(Tokenizer, ABC):
+    """A tokenizer kind `mimkit tokenizer train` builds and trains (every registered kind)."""
+
+    @classmethod
+    @abstractmethod
+    def build(cls, cfg, teacher: Teacher | None, device: torch.device) -> "TrainableTokenizer":
+        """The untrained tokenizer of a run config, on `device`."""
+
+    @abstractmethod
+    def trainer(self, cfg, teacher: Teacher | None) -> Training:
+        """This tokenizer's training step for a run config."""
 
 
 def run_args(cfg) -> dict:

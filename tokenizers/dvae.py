@@ -31,7 +31,7 @@ from mimkit.images import image_grid, resize
 from mimkit.loop import place_model
 from mimkit.teachers import Teacher, read_state_dict
 
-from .base import Tokenizer, Training, register_tokenizer, run_args
+from .base import FitTraining, GradientTraining, Training, TrainableTokenizer, register_tokenizer, run_args
 
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels
 
@@ -141,7 +141,7 @@ class Decoder(nn.Module):
 
 
 @register_tokenizer("dvae")
-class DVAE(Tokenizer):
+class DVAE(TrainableTokenizer):
     paper = "BEiT"
     Config = DVAEConfig
     # DALL-E: AdamW, lr 1e-3 -> cosine; no weight decay on the code path matters little at this scale
@@ -199,8 +199,9 @@ class DVAE(Tokenizer):
                       blocks_per_group=d.blocks_per_group)
         return place_model(tok, device, cfg.precision)
 
-    def trainer(self, cfg, teacher: Teacher | None) -> "DVAETraining":
-        return DVAETraining(self, cfg.dvae)
+    def trainer(self, cfg, teacher: Teacher | None) -> Training:
+        """The gradient loop's step, or nothing to train for an imported DALL-E encoder (it has no decoder)."""
+        return DVAETraining(self, cfg.dvae) if self.decoder is not None else ImportedEncoder(self, cfg.dvae)
 
 
 def temperature(progress: float, start: float, end: float, anneal: float) -> float:
@@ -220,21 +221,24 @@ def psnr(mse01: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse01.clamp_min(1e-10))
 
 
-class DVAETraining(Training):
-    """Loss, evaluation and panels for `mimkit tokenizer train` with kind=dvae (`dcfg`: its DVAEConfig). An
-    imported DALL-E encoder has no decoder and is not trained."""
+class ImportedEncoder(FitTraining):
+    """DALL-E's released encoder, loaded by `build`: nothing to train."""
+
+    def __init__(self, tok: DVAE, dcfg: DVAEConfig):
+        super().__init__(tok)
+        self.path = dcfg.dalle_encoder
+
+    def fit(self, train_set, device: torch.device, log: Callable[[str], None]) -> dict:
+        log(f"imported DALL-E's encoder from {self.path} (no training)")
+        return {}
+
+
+class DVAETraining(GradientTraining):
+    """Loss, evaluation and panels for `mimkit tokenizer train` with kind=dvae (`dcfg`: its DVAEConfig)."""
 
     def __init__(self, tok: DVAE, dcfg: DVAEConfig):
         super().__init__(tok)
         self.cfg = dcfg
-
-    @property
-    def gradient(self) -> bool:
-        return self.tok.decoder is not None
-
-    def fit(self, train_set, device: torch.device, log: Callable[[str], None]) -> dict:
-        log(f"imported DALL-E's encoder from {self.cfg.dalle_encoder} (no training)")
-        return {}
 
     def _to01(self, x: torch.Tensor) -> torch.Tensor:
         mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (self.tok.mean, self.tok.std))
@@ -265,8 +269,6 @@ class DVAETraining(Training):
     @torch.no_grad()
     def evaluate(self, imgs: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """ids and per-batch metrics of the discrete (hard-code) reconstruction."""
-        if self.tok.decoder is None:
-            return self.tok.encode(imgs), {}
         x, rec, ids = self.reconstruct(imgs)
         mse01 = F.mse_loss(self._to01(rec), self._to01(x))
         return ids, {"rec_loss": F.mse_loss(rec.float(), x.float()).item(), "psnr": psnr(mse01).item()}
@@ -274,8 +276,6 @@ class DVAETraining(Training):
     @torch.no_grad()
     def panel(self, imgs: torch.Tensor) -> torch.Tensor | None:
         """Rows: the dVAE's inputs, their reconstructions from the hard codes."""
-        if self.tok.decoder is None:
-            return None
         x, rec, _ = self.reconstruct(imgs)
         return image_grid([self._to01(x), self._to01(rec)])
 

@@ -23,7 +23,7 @@ from mimkit.dist import autocast
 from mimkit.images import pixel_target, resize
 from mimkit.teachers import Teacher
 
-from .base import Tokenizer, Training, register_tokenizer, run_args
+from .base import FitTraining, TrainableTokenizer, register_tokenizer, run_args
 
 
 @dataclass
@@ -39,7 +39,7 @@ class KMeansConfig:
 
 
 @register_tokenizer("kmeans")
-class KMeansTokenizer(Tokenizer):
+class KMeansTokenizer(TrainableTokenizer):
     paper = "ClusterMIM"
     Config = KMeansConfig
     recipe = {"vocab_size": 512}
@@ -202,10 +202,8 @@ def fit_tokenizer(tok: KMeansTokenizer, feats: torch.Tensor, niter: int, seed: i
     return {"samples": len(x), "dim": int(x.shape[1]), "mean_inertia": obj / len(x)}
 
 
-class KMeansTraining(Training):
+class KMeansTraining(FitTraining):
     """ClusterMIM's fit: features of patches sampled across the training set, then FAISS k-means."""
-
-    gradient = False
 
     def __init__(self, tok: KMeansTokenizer, cfg):
         super().__init__(tok)

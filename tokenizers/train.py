@@ -26,7 +26,7 @@ from mimkit.dist import autocast
 from mimkit.loop import Loop, RunLog, build_optimizer, train_one_epoch, write_metrics
 from mimkit.teachers import Teacher, load_teacher
 
-from .base import Tokenizer, Training, codebook_stats, tokenizer_class
+from .base import GradientTraining, Tokenizer, Training, codebook_stats, tokenizer_class
 from .config import validate
 
 # keys that may change when a run is resumed
@@ -247,7 +247,7 @@ def train_tokenizer(cfg) -> dict:
     """Train the tokenizer of a resolved config (mimkit.tokenizers.config.tokenizer_config); returns metrics."""
     run = setup(cfg)
     t0 = time.perf_counter()
-    if run.training.gradient:
+    if isinstance(run.training, GradientTraining):
         history, fit = train_gradient(run), {}
     else:
         history, fit = [], run.training.fit(run.train_set, run.device, run.log)

@@ -23,7 +23,7 @@ from mimkit.loop import place_model
 from mimkit.teachers import Teacher
 from mimkit.vit import ViT
 
-from .base import Tokenizer, Training, register_tokenizer, run_args
+from .base import GradientTraining, TrainableTokenizer, register_tokenizer, run_args
 from .kmeans import assign, fit_kmeans
 
 
@@ -112,7 +112,7 @@ def task_mlp(dim: int, out: int) -> nn.Sequential:
 
 
 @register_tokenizer("vqkd")
-class VQKD(Tokenizer):
+class VQKD(TrainableTokenizer):
     paper = "BEiT v2"
     Config = VQKDConfig
     # BEiT v2 VQ-KD: lr 5e-5 per 128 images, betas (0.9, 0.99), wd 1e-4, min lr 1e-5, crop scale 0.08-1
@@ -196,7 +196,7 @@ def codes_used(ids: torch.Tensor, vocab_size: int) -> torch.Tensor:
     return torch.zeros(vocab_size, dtype=torch.bool, device=ids.device).index_fill_(0, ids.flatten(), True).sum()
 
 
-class VQKDTraining(Training):
+class VQKDTraining(GradientTraining):
     """Loss and evaluation for `mimkit tokenizer train` with kind=vqkd; the teacher stays outside the
     tokenizer (it is not needed to encode)."""
 

@@ -13,6 +13,7 @@ package's `__init__` imports them, as timm registers models.
 from __future__ import annotations
 
 import itertools
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 import torch
@@ -44,7 +45,7 @@ class TargetContext:
         return dataset_stats(self.data_name)
 
 
-class Target:
+class Target(ABC):
     name: str = ""
     Config: type | None = None  # the kind's section `target.<name>`; None: no settings
     ids: bool = False  # True: LongTensor[B, N] ids in [0, out_dim); False: float features [B, N, out_dim]
@@ -54,8 +55,9 @@ class Target:
         self.cfg, self.ctx = cfg, ctx
         self.out_dim = 0  # each kind sets it: features per patch, or the number of ids
 
+    @abstractmethod
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        """The target of images [B, C, H, W]: [B, N, out_dim] floats, or [B, N] ids when `ids`."""
 
     @torch.no_grad()
     def panel(self, imgs: torch.Tensor, mask: torch.Tensor, pred: torch.Tensor) -> torch.Tensor | None:
