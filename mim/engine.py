@@ -22,6 +22,9 @@ RESUMABLE_CHANGES = ("epochs", "resume", "overwrite", "output_dir", "device", "d
                      "data.test_limit", "vis_every", "ckpt.every", "probe.")
 
 # What runs after pretraining on rank 0 (e.g. the CLI's closing k-NN probe): (model, cfg, device, log) -> metrics
+# The per-epoch record's own keys; any other key is a scalar the method reported (an epoch mean).
+RECORD_KEYS = ("epoch", "loss", "images_per_s", "seconds", "replaced_images")
+
 AfterTraining = Callable[[torch.nn.Module, Any, torch.device, Callable[[str], None]], dict]
 
 
@@ -157,8 +160,7 @@ def run_epoch(run: PretrainRun, epoch: int) -> dict:
     record = train_one_epoch(loop, run.loader, epoch, forward)
     record["replaced_images"] = int(dist.all_reduce_sum(sum(int(r.sum()) for r in replaced), run.device))
     loop.history.append(record)
-    extras = {k: v for k, v in record.items() if k not in ("epoch", "loss", "images_per_s", "seconds",
-                                                          "replaced_images")}
+    extras = {k: v for k, v in record.items() if k not in RECORD_KEYS}
     run.log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} lr {loop.lr:.3g} "
             f"{record['images_per_s']:.0f} img/s" + "".join(f" {k} {v:.4f}" for k, v in extras.items()))
     if loop.writer is not None:
@@ -181,10 +183,9 @@ def summarize(history: list[dict], cfg) -> dict:
     if not history:
         return {"method": cfg.method, "epochs": 0}
     seconds = sum(h["seconds"] for h in history)
-    base = {"epoch", "loss", "images_per_s", "seconds", "replaced_images"}
     return {"method": cfg.method, "dataset": cfg.data.name, "epochs": history[-1]["epoch"],
             "final_loss": history[-1]["loss"], "first_loss": history[0]["loss"],
-            **{f"final_{k}": v for k, v in history[-1].items() if k not in base},
+            **{f"final_{k}": v for k, v in history[-1].items() if k not in RECORD_KEYS},
             "images_per_s": sum(h["images_per_s"] * h["seconds"] for h in history) / seconds,
             "train_seconds": seconds, "replaced_images": sum(h["replaced_images"] for h in history),
             "loss_history": [h["loss"] for h in history]}

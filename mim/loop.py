@@ -151,13 +151,13 @@ def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, forward: Callable
     schedule, accumulation, clipping and NaN policy above. Returns {"epoch", "loss", the other scalars'
     means, "images_per_s", "seconds"} (means over the epoch's steps and over ranks)."""
     cfg, device = loop.cfg, loop.device
-    t0, n_images, loss_sum, sums, lr = time.perf_counter(), 0, 0.0, {}, 0.0
+    t0, n_images, loss_sum, sums, lr, base_lr = time.perf_counter(), 0, 0.0, {}, 0.0, loop.base_lr
     bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main(), leave=False,
                file=sys.stderr, dynamic_ncols=True)
     loop.optimizer.zero_grad(set_to_none=True)
     for it, batch in enumerate(bar):
         if it % cfg.accum_iter == 0:
-            lr = lr_at(epoch + it / loop.steps_per_epoch, cfg, loop.base_lr)
+            lr = lr_at(epoch + it / loop.steps_per_epoch, cfg, base_lr)
             set_lr(loop.optimizer, lr)
         sync = loop.ddp is None or (it + 1) % cfg.accum_iter == 0
         with (contextlib.nullcontext() if sync else loop.ddp.no_sync()), dist.autocast(device, cfg.precision):

@@ -22,35 +22,35 @@ def token_accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (logits.detach().argmax(-1) == target).float().mean()
 
 
-def _per_patch(fn: Callable, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """fn(pred, target) [.., D] -> per-patch mean over D, averaged over the masked patches."""
-    if pred.dim() == 2:  # already at the masked positions
-        return fn(pred.float(), target[mask]).mean(dim=-1).mean()
-    return masked_mean(fn(pred.float(), target).mean(dim=-1), mask)
+def _masked(per_patch: Callable, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """per_patch(pred, target) -> a loss per patch, averaged over the masked patches (pred at every position,
+    or already at the masked ones)."""
+    if pred.dim() == 2:
+        return per_patch(pred.float(), target[mask]).mean()
+    return masked_mean(per_patch(pred.float(), target), mask)
 
 
 def mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict:
     """Mean squared error per patch (MAE, MaskFeat)."""
-    return {"loss": _per_patch(lambda a, b: (a - b) ** 2, pred, target, mask)}
+    return {"loss": _masked(lambda a, b: ((a - b) ** 2).mean(dim=-1), pred, target, mask)}
 
 
 def l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict:
     """SimMIM: |x - x_rec| summed over masked pixels and channels / (masked pixels * channels); every masked
     patch has the same number of values, so this is the per-patch mean averaged over masked patches."""
-    return {"loss": _per_patch(lambda a, b: (a - b).abs(), pred, target, mask)}
+    return {"loss": _masked(lambda a, b: (a - b).abs().mean(dim=-1), pred, target, mask)}
 
 
 def cosine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict:
     """1 - cosine similarity per patch, averaged over masked patches (EVA; MILAN). EVA's official loss is this
     up to the constant: minus the mean cosine similarity, the same gradients."""
-    if pred.dim() == 2:
-        return {"loss": (1 - F.cosine_similarity(pred.float(), target[mask].float(), dim=-1)).mean()}
-    return {"loss": masked_mean(1 - F.cosine_similarity(pred.float(), target.float(), dim=-1), mask)}
+    return {"loss": _masked(lambda a, b: 1 - F.cosine_similarity(a, b.float(), dim=-1), pred, target, mask)}
 
 
 def smooth_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict:
     """Smooth-L1 with beta 1 (MaskDistill) per value, the per-patch mean averaged over masked patches."""
-    return {"loss": _per_patch(lambda a, b: F.smooth_l1_loss(a, b, reduction="none", beta=1.0), pred, target, mask)}
+    return {"loss": _masked(lambda a, b: F.smooth_l1_loss(a, b, reduction="none", beta=1.0).mean(dim=-1), pred,
+                            target, mask)}
 
 
 def cross_entropy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict:
