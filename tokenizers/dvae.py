@@ -145,9 +145,9 @@ class DVAE(TrainableTokenizer):
     paper = "BEiT"
     Config = DVAEConfig
     # DALL-E: AdamW, lr 1e-3 -> cosine; no weight decay on the code path matters little at this scale
-    # (vocabulary 8192, 100 epochs, batch 64: the run defaults)
-    recipe = {"optim.blr": 1e-3, "optim.lr_batch_ref": 256, "optim.betas": [0.9, 0.999], "optim.weight_decay": 1e-4,
-              "optim.warmup_epochs": 1, "data.crop_scale": [0.08, 1.0]}
+    recipe = {"vocab_size": 8192, "epochs": 100, "batch_size": 64, "optim.blr": 1e-3, "optim.lr_batch_ref": 256,
+              "optim.betas": [0.9, 0.999], "optim.weight_decay": 1e-4, "optim.warmup_epochs": 1,
+              "data.crop_scale": [0.08, 1.0]}
 
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  input_size: int, groups: int = 4, hidden: int = 256, blocks_per_group: int = 2,

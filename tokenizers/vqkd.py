@@ -116,9 +116,9 @@ class VQKD(TrainableTokenizer):
     paper = "BEiT v2"
     Config = VQKDConfig
     # BEiT v2 VQ-KD: lr 5e-5 per 128 images, betas (0.9, 0.99), wd 1e-4, min lr 1e-5, crop scale 0.08-1
-    # (vocabulary 8192, 100 epochs, batch 64: the run defaults)
-    recipe = {"optim.blr": 5e-5, "optim.lr_batch_ref": 128, "optim.betas": [0.9, 0.99], "optim.weight_decay": 1e-4,
-              "optim.warmup_epochs": 5, "optim.min_lr": 1e-5, "data.crop_scale": [0.08, 1.0]}
+    recipe = {"vocab_size": 8192, "epochs": 100, "batch_size": 64, "optim.blr": 5e-5, "optim.lr_batch_ref": 128,
+              "optim.betas": [0.9, 0.99], "optim.weight_decay": 1e-4, "optim.warmup_epochs": 5,
+              "optim.min_lr": 1e-5, "data.crop_scale": [0.08, 1.0]}
 
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  teacher_dim: int, embed_dim: int = 768, depth: int = 12, num_heads: int = 12, code_dim: int = 32,
