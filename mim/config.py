@@ -122,6 +122,13 @@ def _coerce(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key} must be a list of {len(args)} numbers, e.g. {key}=[0.9,0.95]; got {value!r}")
         return tuple(_coerce(key, v, a, {}) for v, a in zip(value, args))
+    if origin is list:  # any length, e.g. fsq.levels=[8,5,5,5]
+        (arg,) = typing.get_args(tp)
+        if isinstance(value, str):
+            value = [yaml.safe_load(v) for v in value.strip("()[] ").split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key} must be a list, e.g. {key}=[1,2]; got {value!r}")
+        return [_coerce(key, v, arg, {}) for v in value]
     if tp is bool:
         if isinstance(value, bool):
             return value

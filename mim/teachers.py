@@ -93,20 +93,30 @@ class Teacher(nn.Module):
         return layer - 1 if layer > 0 else n - 1
 
     def block_tokens(self, x: torch.Tensor, layer: int) -> torch.Tensor:
-        """Patch tokens [B, n, D] of block `layer` (1-based; -1 = the last) before any final norm, read with a
-        forward hook during the teacher's ordinary forward (prefix tokens dropped)."""
-        seen = []
-        block = self.blocks()[self.block_index(layer)]
-        handle = block.register_forward_hook(lambda m, i, out: seen.append(out))
+        """Patch tokens [B, n, D] of block `layer` (1-based; -1 = the last) before any final norm."""
+        return self.hooked_tokens(x, [layer])[0]
+
+    def hooked_tokens(self, x: torch.Tensor, layers: list[int]) -> list[torch.Tensor]:
+        """Patch tokens [B, n, D] of each block in `layers` (1-based; -1 = the last) before any final norm, read
+        with forward hooks during one ordinary forward of images already at input_size (prefix tokens dropped;
+        differentiable in x when gradients are on: the weights stay frozen)."""
+        seen: dict[int, torch.Tensor] = {}
+        blocks = self.blocks()
+        handles = [blocks[self.block_index(layer)].register_forward_hook(
+            lambda m, i, out, layer=layer: seen.__setitem__(layer, out)) for layer in layers]
         try:
             self.tokens(x)
         finally:
-            handle.remove()
-        out = seen[0]
-        if self.spec["source"] == "openclip" and not getattr(self.model.transformer, "batch_first", True):
-            out = out.transpose(0, 1)  # [L, B, D] in older open_clip
+            for h in handles:
+                h.remove()
+        transposed = self.spec["source"] == "openclip" and not getattr(self.model.transformer, "batch_first", True)
         prefix = getattr(self.model, "num_prefix_tokens", 1) if self.spec["source"] == "timm" else 1
-        return out[:, prefix:]
+        # older open_clip runs its blocks on [L, B, D]
+        return [(seen[layer].transpose(0, 1) if transposed else seen[layer])[:, prefix:] for layer in layers]
+
+    def prepare(self, images: torch.Tensor, stats: tuple) -> torch.Tensor:
+        """images normalized with stats=(mean, std) -> the teacher's normalization and input size."""
+        return resize(renormalize(images, stats, (self.mean, self.std)), self.input_size)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The patch features [B, n, D] of spec["layer"] (0: the output features) of images already at
@@ -118,8 +128,7 @@ class Teacher(nn.Module):
     def forward(self, images: torch.Tensor, stats: tuple, grid: int) -> torch.Tensor:
         """images normalized with stats=(mean, std) -> features [B, grid * grid, D] (float32) of the teacher's
         layer."""
-        x = resize(renormalize(images, stats, (self.mean, self.std)), self.input_size)
-        feats = self.features(x).float()
+        feats = self.features(self.prepare(images, stats)).float()
         return to_grid(feats, grid, self.spec.get("name", "mimkit"))
 
     @torch.no_grad()

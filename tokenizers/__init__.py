@@ -1,8 +1,8 @@
 """Tokenizers that turn images into discrete targets, one module per kind; importing the package registers them
-in TOKENIZERS (kmeans: ClusterMIM, dvae: BEiT, vqkd: BEiT v2)."""
+in TOKENIZERS (kmeans: ClusterMIM, dvae: BEiT, vqkd: BEiT v2, fsq: FSQ, lfq: MAGVIT-v2's LFQ, peco: PeCo)."""
 from .base import (TOKENIZERS, FitTraining, GradientTraining, Tokenizer, TrainableTokenizer, Training, codebook_stats,
                    count_stats, register_tokenizer, tokenizer_class)
-from . import kmeans, dvae, vqkd  # noqa: F401  (each registers its kind, in this order)
+from . import kmeans, dvae, vqkd, fsq, lfq, peco  # noqa: F401  (each registers its kind, in this order)
 
 __all__ = ["TOKENIZERS", "FitTraining", "GradientTraining", "Tokenizer", "TrainableTokenizer", "Training",
            "codebook_stats", "count_stats", "register_tokenizer", "tokenizer_class"]

@@ -118,6 +118,12 @@ class Tokenizer(nn.Module, ABC):
         """ConfigErrors for mistakes in the kind's part of a run config (the shared keys are checked already)."""
 
     @classmethod
+    def derived_vocab(cls, cfg) -> tuple[int, str] | None:
+        """(vocabulary size, the settings that imply it) when the kind's settings fix it (FSQ: the product of its
+        levels), None when `vocab_size` is free."""
+        return None
+
+    @classmethod
     def needs_teacher(cls, cfg) -> bool:
         """Whether a run with this config loads the frozen teacher of `teacher.name`."""
         return False

@@ -24,7 +24,7 @@ class TokenizerRunConfig:
     device: str = choices(*DEVICES, default="auto")
     precision: str = choices(*PRECISIONS, default="auto")
     patch_size: int = 16  # the encoder's patch size: one token per patch, grid = data.img_size // patch_size
-    vocab_size: int = 8192
+    vocab_size: int = 0  # 0 = the kind's: its recipe's, or what its settings imply (fsq: the product of the levels)
     epochs: int = 100  # kinds trained by gradient steps
     batch_size: int = 64
     accum_iter: int = 1
@@ -59,7 +59,15 @@ def data_presets() -> dict[str, dict]:
 def tokenizer_config(files: list[str] = (), overrides: list[str] = ()):
     """The resolved config of `mimkit tokenizer train --config FILE... key=value...`."""
     recipes = {kind: cls.recipe for kind, cls in TOKENIZERS.items()}
-    return build_config(config_class(), files, overrides, presets=[("kind", recipes), ("data.name", data_presets())])
+    cfg = build_config(config_class(), files, overrides, presets=[("kind", recipes), ("data.name", data_presets())])
+    derived = tokenizer_class(cfg.kind).derived_vocab(cfg)
+    if derived:
+        size, why = derived
+        if cfg.vocab_size not in (0, size):
+            raise ConfigError(f"vocab_size={cfg.vocab_size} conflicts with {why} ({size} codes); leave vocab_size "
+                              f"unset or set it to {size}")
+        cfg.vocab_size = size
+    return cfg
 
 
 def validate(cfg) -> None:

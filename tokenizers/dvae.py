@@ -37,11 +37,16 @@ LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels
 
 
 @dataclass
-class DVAEConfig:
-    input_size: int = 112  # dVAE input side (BEiT: the half-resolution 112 px copy of a 224 view); 0 = data.img_size
+class ConvLayoutConfig:
+    """DALL-E's conv autoencoder layout, shared by the kinds that reconstruct pixels from their codes."""
+    input_size: int = 112  # input side (BEiT: the half-resolution 112 px copy of a 224 view); 0 = data.img_size
     groups: int = 4  # resolution groups (DALL-E: 4); the input is downsampled by 2^(groups - 1)
     hidden: int = 256  # width of the first group (DALL-E n_hid)
     blocks_per_group: int = 2
+
+
+@dataclass
+class DVAEConfig(ConvLayoutConfig):
     tau_start: float = 1.0  # Gumbel-softmax temperature, cosine-annealed to tau_end (DALL-E: 1 -> 1/16)
     tau_end: float = 0.0625
     tau_anneal: float = 0.8  # share of the training steps over which the temperature is annealed
@@ -50,21 +55,24 @@ class DVAEConfig:
     dalle_encoder: str = ""  # optional: DALL-E's released encoder (state dict file) loaded into the encoder
 
 
-def dvae_input_size(cfg) -> int:
-    """The dVAE's input side in a run config (dvae.input_size, 0 = data.img_size)."""
-    return cfg.dvae.input_size or cfg.data.img_size
+def conv_input_size(cfg, section: str = "dvae") -> int:
+    """The conv encoder's input side in a run config (<section>.input_size, 0 = data.img_size)."""
+    return getattr(cfg, section).input_size or cfg.data.img_size
 
 
-def check_grid(cfg) -> None:
-    """The dVAE's token grid, input_size / 2^(groups - 1), must be the encoder's patch grid."""
-    grid, size, factor = cfg.data.img_size // cfg.patch_size, dvae_input_size(cfg), 2 ** (cfg.dvae.groups - 1)
+def check_grid(cfg, section: str = "dvae") -> None:
+    """The conv layout's token grid, input_size / 2^(groups - 1), must be the encoder's patch grid (`section`:
+    the kind's name)."""
+    check_range(f"{section}.groups", getattr(cfg, section).groups, 1)
+    groups = getattr(cfg, section).groups
+    grid, size, factor = cfg.data.img_size // cfg.patch_size, conv_input_size(cfg, section), 2 ** (groups - 1)
     if size == grid * factor:
         return
     half = cfg.data.img_size // 2  # BEiT's layout: the half-resolution copy, patch / 2 pixels per token
     p = cfg.patch_size
-    hint = (f"dvae.input_size={half} dvae.groups={(p // 2).bit_length()}" if p >= 2 and p & (p - 1) == 0 else
-            f"dvae.input_size={grid * factor}")
-    raise ConfigError(f"dvae.input_size={size} with dvae.groups={cfg.dvae.groups} (downsampling {factor}) gives a "
+    hint = (f"{section}.input_size={half} {section}.groups={(p // 2).bit_length()}" if p >= 2 and p & (p - 1) == 0
+            else f"{section}.input_size={grid * factor}")
+    raise ConfigError(f"{section}.input_size={size} with {section}.groups={groups} (downsampling {factor}) gives a "
                       f"{size // factor}x{size // factor} token grid, but data.img_size / patch_size = {grid}; "
                       f"set e.g. {hint}")
 
@@ -182,7 +190,6 @@ class DVAE(TrainableTokenizer):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        check_range("dvae.groups", cfg.dvae.groups, 1)
         check_grid(cfg)
         if not 0 < cfg.dvae.tau_end <= cfg.dvae.tau_start:
             raise ConfigError(f"dvae.tau_end={cfg.dvae.tau_end} must satisfy 0 < tau_end <= "
@@ -195,7 +202,7 @@ class DVAE(TrainableTokenizer):
         if d.dalle_encoder:
             tok = from_dalle(d.dalle_encoder, args["img_size"], args["grid"])
         else:
-            tok = cls(**args, input_size=dvae_input_size(cfg), groups=d.groups, hidden=d.hidden,
+            tok = cls(**args, input_size=conv_input_size(cfg), groups=d.groups, hidden=d.hidden,
                       blocks_per_group=d.blocks_per_group)
         return place_model(tok, device, cfg.precision)
 
@@ -214,6 +221,12 @@ def kl_uniform(logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(q || uniform) = sum_k q_k log q_k + log K, q = softmax over dim 1."""
     logq = F.log_softmax(logits.float(), dim=1)
     return ((logq.exp() * logq).sum(1) + math.log(logits.shape[1])).mean()
+
+
+def to01(x: torch.Tensor, mean: list[float], std: list[float]) -> torch.Tensor:
+    """Images normalized with (mean, std) -> float pixels in [0, 1]."""
+    mean_t, std_t = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (mean, std))
+    return (x.float() * std_t + mean_t).clamp(0, 1)
 
 
 def psnr(mse01: torch.Tensor) -> torch.Tensor:
@@ -239,10 +252,6 @@ class DVAETraining(GradientTraining):
     def __init__(self, tok: DVAE, dcfg: DVAEConfig):
         super().__init__(tok)
         self.cfg = dcfg
-
-    def _to01(self, x: torch.Tensor) -> torch.Tensor:
-        mean, std = (torch.tensor(v, device=x.device).view(1, -1, 1, 1) for v in (self.tok.mean, self.tok.std))
-        return (x.float() * std + mean).clamp(0, 1)
 
     def loss(self, imgs: torch.Tensor, progress: float) -> dict:
         """MSE of the relaxed reconstruction + the warmed-up KL to the uniform prior; temperature and KL weight
@@ -270,14 +279,19 @@ class DVAETraining(GradientTraining):
     def evaluate(self, imgs: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """ids and per-batch metrics of the discrete (hard-code) reconstruction."""
         x, rec, ids = self.reconstruct(imgs)
-        mse01 = F.mse_loss(self._to01(rec), self._to01(x))
-        return ids, {"rec_loss": F.mse_loss(rec.float(), x.float()).item(), "psnr": psnr(mse01).item()}
+        return ids, pixel_metrics(x, rec, self.tok)
 
     @torch.no_grad()
     def panel(self, imgs: torch.Tensor) -> torch.Tensor | None:
         """Rows: the dVAE's inputs, their reconstructions from the hard codes."""
         x, rec, _ = self.reconstruct(imgs)
-        return image_grid([self._to01(x), self._to01(rec)])
+        return image_grid([to01(x, self.tok.mean, self.tok.std), to01(rec, self.tok.mean, self.tok.std)])
+
+
+def pixel_metrics(x: torch.Tensor, rec: torch.Tensor, tok) -> dict[str, float]:
+    """MSE on the normalized pixels and PSNR on [0, 1] pixels of a reconstruction `rec` of `x` (same shape)."""
+    mse01 = F.mse_loss(to01(rec, tok.mean, tok.std), to01(x, tok.mean, tok.std))
+    return {"rec_loss": F.mse_loss(rec.float(), x.float()).item(), "psnr": psnr(mse01).item()}
 
 
 def from_dalle(path: str, img_size: int, grid: int) -> DVAE:

@@ -28,14 +28,19 @@ from .kmeans import assign, fit_kmeans
 
 
 @dataclass
-class VQKDConfig:
+class ViTLayoutConfig:
+    """VQ-KD's layout, shared by the kinds that regress a teacher's features through their codes."""
     embed_dim: int = 768  # ViT encoder of the tokenizer (BEiT v2: ViT-B/16)
     depth: int = 12
     num_heads: int = 12
-    code_dim: int = 32  # L2-normalized code space
     decoder_depth: int = 1  # shallow ViT decoder regressing the teacher features (BEiT v2: 1 or 3)
     decoder_embed_dim: int = 768
     decoder_num_heads: int = 12
+
+
+@dataclass
+class VQKDConfig(ViTLayoutConfig):
+    code_dim: int = 32  # L2-normalized code space
     decay: float = 0.99  # EMA decay of the codebook
     beta: float = 1.0  # commitment loss weight (BEiT v2: 1.0)
     restart: float = 0.1  # restart codes whose EMA usage falls below restart x the mean usage (0 = never)
@@ -102,6 +107,35 @@ class NormEMAQuantizer(nn.Module):
         return z + (q - z).detach(), ids, commit
 
 
+def check_vit_layout(cfg, section: str, alternative: str = "") -> None:
+    """This layout needs a teacher, and widths its heads divide (`section`: the kind's name; `alternative`: the
+    setting that does without a teacher, for the error)."""
+    if not cfg.teacher.name:
+        raise ConfigError(f"kind={cfg.kind} needs teacher.name (timm:<model>, openclip:<model> or mimkit:<checkpoint>)"
+                          f": its decoder regresses the teacher's features{alternative}")
+    v = getattr(cfg, section)
+    if v.embed_dim % v.num_heads or v.decoder_embed_dim % v.decoder_num_heads:
+        raise ConfigError(f"{section}.embed_dim / decoder_embed_dim must be divisible by their num_heads")
+
+
+def vit_layout_args(v: ViTLayoutConfig) -> dict:
+    return {k: getattr(v, k) for k in ("embed_dim", "depth", "num_heads", "decoder_depth", "decoder_embed_dim",
+                                       "decoder_num_heads")}
+
+
+def vit_encoder(img_size: int, grid: int, code_dim: int, embed_dim: int, depth: int, num_heads: int,
+                **_) -> tuple[ViT, nn.Sequential]:
+    """The ViT encoder on images (one token per code) and the MLP from its width to the code space."""
+    return ViT(img_size, img_size // grid, 3, embed_dim, depth, num_heads), task_mlp(embed_dim, code_dim)
+
+
+def vit_decoder(grid: int, code_dim: int, teacher_dim: int, decoder_embed_dim: int, decoder_depth: int,
+                decoder_num_heads: int, **_) -> tuple[ViT, nn.Sequential]:
+    """A ViT over the code grid (patch size 1: one "pixel" = one code) and the MLP to the teacher's width."""
+    return (ViT(grid, 1, code_dim, decoder_embed_dim, decoder_depth, decoder_num_heads),
+            task_mlp(decoder_embed_dim, teacher_dim))
+
+
 def task_mlp(dim: int, out: int) -> nn.Sequential:
     mlp = nn.Sequential(nn.Linear(dim, dim), nn.Tanh(), nn.Linear(dim, out))
     for m in mlp:
@@ -128,12 +162,9 @@ class VQKD(TrainableTokenizer):
         self.args = dict(teacher_dim=teacher_dim, embed_dim=embed_dim, depth=depth, num_heads=num_heads,
                          code_dim=code_dim, decoder_depth=decoder_depth, decoder_embed_dim=decoder_embed_dim,
                          decoder_num_heads=decoder_num_heads, decay=decay, beta=beta, restart=restart)
-        self.encoder = ViT(img_size, img_size // grid, 3, embed_dim, depth, num_heads)
-        self.encode_task = task_mlp(embed_dim, code_dim)
+        self.encoder, self.encode_task = vit_encoder(img_size, grid, **self.args)
         self.quantizer = NormEMAQuantizer(vocab_size, code_dim, decay, beta, restart)
-        # the decoder is a ViT over the code grid: patch size 1, one "pixel" = one 32-d code
-        self.decoder = ViT(grid, 1, code_dim, decoder_embed_dim, decoder_depth, decoder_num_heads)
-        self.decode_task = task_mlp(decoder_embed_dim, teacher_dim)
+        self.decoder, self.decode_task = vit_decoder(grid, **self.args)
 
     def hparams(self) -> dict:
         return dict(self.args)
@@ -159,12 +190,8 @@ class VQKD(TrainableTokenizer):
 
     @classmethod
     def check_config(cls, cfg) -> None:
-        if not cfg.teacher.name:
-            raise ConfigError("kind=vqkd needs teacher.name (timm:<model>, openclip:<model> or mimkit:<checkpoint>)")
-        v = cfg.vqkd
-        if v.embed_dim % v.num_heads or v.decoder_embed_dim % v.decoder_num_heads:
-            raise ConfigError("vqkd.embed_dim / decoder_embed_dim must be divisible by their num_heads")
-        check_range("vqkd.decay", v.decay, 0, 1, hi_open=True)
+        check_vit_layout(cfg, "vqkd")
+        check_range("vqkd.decay", cfg.vqkd.decay, 0, 1, hi_open=True)
 
     @classmethod
     def needs_teacher(cls, cfg) -> bool:
@@ -175,10 +202,8 @@ class VQKD(TrainableTokenizer):
         """A fresh VQ-KD whose decoder regresses `teacher`'s features (their width sizes its output); `trainer`
         moves the teacher to the tokenizer's device."""
         v = cfg.vqkd
-        tok = cls(**run_args(cfg), teacher_dim=teacher.feature_dim(), embed_dim=v.embed_dim, depth=v.depth,
-                  num_heads=v.num_heads, code_dim=v.code_dim, decoder_depth=v.decoder_depth,
-                  decoder_embed_dim=v.decoder_embed_dim, decoder_num_heads=v.decoder_num_heads, decay=v.decay,
-                  beta=v.beta, restart=v.restart)
+        tok = cls(**run_args(cfg), teacher_dim=teacher.feature_dim(), **vit_layout_args(v), code_dim=v.code_dim,
+                  decay=v.decay, beta=v.beta, restart=v.restart)
         return place_model(tok, device, cfg.precision)
 
     def trainer(self, cfg, teacher: Teacher | None) -> "VQKDTraining":
