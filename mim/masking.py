@@ -5,6 +5,10 @@ step never waits on them and masks do not depend on the number of processes or l
 - RandomMask (MAE): a uniformly random subset of patches.
 - GridMask (SimMIM): a random subset of coarse mask units of `mask.patch_px` pixels, upsampled to patches.
 - BlockMask (BEiT, MaskFeat): random rectangles of patches until the target count is reached.
+- InverseBlockMask (data2vec 2.0): random squares of *visible* patches, trimmed to an exact count; several
+  masks per image (`mask.clones`) give BoolTensor[clones, N].
+- MultiBlockMask (I-JEPA): target blocks and a context block with the targets cut out: BoolTensor[1 + targets, N],
+  row 0 the patches hidden from the context encoder, rows 1.. the target blocks.
 """
 from __future__ import annotations
 
@@ -15,9 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import ConfigError, choices
+from .config import ConfigError, check_range, choices
 
-MASK_KINDS = ("random", "grid", "block")
+MASK_KINDS = ("random", "grid", "block", "inverse_block", "multiblock")
 
 
 @dataclass
@@ -28,6 +32,16 @@ class MaskConfig:
     min_block: int = 16  # BEiT: smallest block in patches at 14x14; scaled with the grid
     min_aspect: float = 0.3  # BEiT: block aspect ratio in [min_aspect, 1/min_aspect]
     exact: bool = True  # block masks: fill or trim to exactly ratio * N patches
+    # inverse_block (data2vec 2.0 image config): mask.ratio is the masked share (0.8)
+    block_len: int = 3  # side of a square of visible patches at 14x14; scale it with the grid
+    prob_adjust: float = 0.07  # mask_prob_adjust: extra visible squares before trimming to the exact count
+    clones: int = 1  # masks per image (clone_batch: 16); the teacher runs once for all of them
+    # multiblock (I-JEPA, configs/in1k_vith14_ep300.yaml)
+    num_targets: int = 4
+    target_scale: tuple[float, float] = (0.15, 0.2)  # share of the grid per target block
+    target_aspect: tuple[float, float] = (0.75, 1.5)  # target block height / width
+    context_scale: tuple[float, float] = (0.85, 1.0)  # the context block (square) before the targets are cut out
+    min_keep: int = 10  # a block (and the context after the cut) keeps more than this many patches
 
 
 class RandomMask:
@@ -126,6 +140,97 @@ class BlockMask:
         return torch.from_numpy(mask)
 
 
+class InverseBlockMask:
+    """data2vec 2.0's inverse block mask (fairseq data_utils.compute_block_mask_2d, inverse_mask=True).
+
+    Visible share keep = 1 - ratio. Draw int(N * (keep + prob_adjust) / block_len**2) centers uniformly with
+    replacement, make each a block_len x block_len square of visible patches (offsets -block_len//2 onward,
+    clamped at the border), then hide or reveal random patches until exactly int(N * keep) are visible
+    (require_same_masks). Returns BoolTensor[N] (True = masked), or [clones, N] independent masks."""
+
+    def __init__(self, grid: int, ratio: float, block_len: int = 3, prob_adjust: float = 0.07, clones: int = 1):
+        self.grid, self.block_len, self.clones = grid, block_len, clones
+        self.num_patches = grid * grid
+        keep = 1 - ratio
+        self.num_centers = int(self.num_patches * (keep + prob_adjust) / block_len ** 2)
+        self.num_keep = int(self.num_patches * keep)
+
+    def one(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        g, n = self.grid, self.num_patches
+        centers = torch.randint(0, n, (self.num_centers,), generator=generator)
+        offsets = torch.arange(self.block_len) - self.block_len // 2
+        rows = (centers.div(g, rounding_mode="floor")[:, None] + offsets).clamp(0, g - 1)
+        cols = (centers.remainder(g)[:, None] + offsets).clamp(0, g - 1)
+        keep = torch.zeros(g, g, dtype=torch.bool)
+        keep[rows[:, :, None], cols[:, None, :]] = True
+        keep = keep.flatten()
+        extra = int(keep.sum()) - self.num_keep
+        if extra:  # hide random visible patches, or reveal random hidden ones
+            pool = (keep if extra > 0 else ~keep).nonzero().squeeze(1)
+            keep[pool[torch.randperm(len(pool), generator=generator)[: abs(extra)]]] = extra < 0
+        return ~keep
+
+    def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        if self.clones == 1:
+            return self.one(generator)
+        return torch.stack([self.one(generator) for _ in range(self.clones)])
+
+
+class MultiBlockMask:
+    """I-JEPA's multi-block mask (facebookresearch/ijepa src/masks/multiblock.py), per sample.
+
+    A block size: one uniform r gives both the scale s = lo + r (hi - lo) and the aspect a (the official code
+    draws one number for both), max_keep = int(N * s), h = round(sqrt(max_keep * a)), w = round(sqrt(max_keep
+    / a)), each cut below the grid side; the top-left corner is uniform in [0, side - h) (torch.randint's
+    exclusive bound, as the official code). The `num_targets` target blocks share one size; each must hold more
+    than `min_keep` patches. The context block (aspect 1) is cut by the target blocks' complements; after 20
+    failed tries the constraint of the last target block is dropped, and so on. The official collator draws the
+    two sizes once per batch; here each sample draws its own (masks are made per sample in the loader), and the
+    method trims every sample to the batch's smallest count as the collator does.
+
+    Returns BoolTensor[1 + num_targets, N]: row 0 True where a patch is hidden from the context encoder, row
+    1 + k True inside target block k."""
+
+    timeout = 20
+
+    def __init__(self, grid: int, num_targets: int = 4, target_scale=(0.15, 0.2), target_aspect=(0.75, 1.5),
+                 context_scale=(0.85, 1.0), min_keep: int = 10):
+        self.grid, self.num_targets, self.min_keep = grid, num_targets, min_keep
+        self.num_patches = grid * grid
+        self.target_scale, self.target_aspect = tuple(target_scale), tuple(target_aspect)
+        self.context_scale = tuple(context_scale)
+
+    def block_size(self, r: float, scale: tuple[float, float], aspect: tuple[float, float]) -> tuple[int, int]:
+        """(h, w) of a block for the uniform draw r in [0, 1)."""
+        max_keep = int(self.num_patches * (scale[0] + r * (scale[1] - scale[0])))
+        a = aspect[0] + r * (aspect[1] - aspect[0])
+        h, w = round(math.sqrt(max_keep * a)), round(math.sqrt(max_keep / a))
+        return min(h, self.grid - 1), min(w, self.grid - 1)
+
+    def _place(self, h: int, w: int, rng: random.Random, regions: list[np.ndarray] = ()) -> np.ndarray:
+        """A block at a random corner, cut by `regions` (all of them, then fewer after each timeout)."""
+        tries, timeout = 0, self.timeout
+        while True:
+            top, left = rng.randrange(self.grid - h), rng.randrange(self.grid - w)
+            block = np.zeros((self.grid, self.grid), dtype=bool)
+            block[top:top + h, left:left + w] = True
+            for region in regions[: max(len(regions) - tries, 0)]:
+                block &= region
+            if block.sum() > self.min_keep:
+                return block
+            timeout -= 1
+            if timeout == 0:
+                tries, timeout = tries + 1, self.timeout
+
+    def __call__(self, generator: torch.Generator | None = None) -> torch.Tensor:
+        rng = _python_rng(generator)
+        th, tw = self.block_size(rng.random(), self.target_scale, self.target_aspect)
+        ch, cw = self.block_size(rng.random(), self.context_scale, (1.0, 1.0))
+        targets = [self._place(th, tw, rng) for _ in range(self.num_targets)]
+        context = self._place(ch, cw, rng, [~t for t in targets])
+        return torch.from_numpy(np.stack([~context, *targets]).reshape(1 + self.num_targets, -1))
+
+
 def _python_rng(generator: torch.Generator | None) -> random.Random:
     """A Python RNG seeded from the torch generator: block masks take many scalar draws, which cost ~0.1 us
     each from `random` against ~5 us from torch."""
@@ -161,4 +266,43 @@ def build_mask_generator(mask_cfg, grid: int, patch_size: int):
         if not 0 < mask_cfg.min_aspect <= 1:
             raise ConfigError(f"mask.min_aspect={mask_cfg.min_aspect} is out of range; need 0 < min_aspect <= 1")
         return BlockMask(grid, ratio, mask_cfg.min_block, mask_cfg.min_aspect, mask_cfg.exact)
+    if kind == "inverse_block":
+        return _inverse_block(mask_cfg, grid)
+    if kind == "multiblock":
+        return _multiblock(mask_cfg, grid)
     raise ConfigError(f"mask.kind={kind!r} is not valid; choose one of: {', '.join(MASK_KINDS)}")
+
+
+def _inverse_block(mask_cfg, grid: int) -> InverseBlockMask:
+    n = grid * grid
+    if not 1 <= mask_cfg.block_len <= grid:
+        raise ConfigError(f"mask.block_len={mask_cfg.block_len} must be between 1 and the grid side {grid} "
+                          f"(data2vec 2.0: 3 at 14x14; scale it with the grid)")
+    check_range("mask.prob_adjust", mask_cfg.prob_adjust, 0)
+    check_range("mask.clones", mask_cfg.clones, 1)
+    gen = InverseBlockMask(grid, mask_cfg.ratio, mask_cfg.block_len, mask_cfg.prob_adjust, mask_cfg.clones)
+    if not 0 < gen.num_keep < n:
+        raise ConfigError(f"mask.ratio={mask_cfg.ratio} leaves {gen.num_keep} of {n} patches visible; need at least "
+                          f"1 and fewer than {n}")
+    return gen
+
+
+def _multiblock(mask_cfg, grid: int) -> MultiBlockMask:
+    m = mask_cfg
+    check_range("mask.num_targets", m.num_targets, 1)
+    check_range("mask.min_keep", m.min_keep, 0)
+    for key, (lo, hi) in (("mask.target_scale", m.target_scale), ("mask.context_scale", m.context_scale)):
+        if not 0 < lo <= hi <= 1:
+            raise ConfigError(f"{key}={list((lo, hi))} must satisfy 0 < min <= max <= 1")
+    if not 0 < m.target_aspect[0] <= m.target_aspect[1]:
+        raise ConfigError(f"mask.target_aspect={list(m.target_aspect)} must satisfy 0 < min <= max")
+    gen = MultiBlockMask(grid, m.num_targets, m.target_scale, m.target_aspect, m.context_scale, m.min_keep)
+    # every block size the draws can give must hold more than min_keep patches, or placing it never ends
+    for key, scale, aspect in (("mask.target_scale", m.target_scale, m.target_aspect),
+                               ("mask.context_scale", m.context_scale, (1.0, 1.0))):
+        smallest = min(h * w for h, w in (gen.block_size(r / 4096, scale, aspect) for r in range(4096)))
+        if smallest <= m.min_keep:
+            raise ConfigError(f"{key}={list(scale)} gives blocks of {smallest} patches on the {grid}x{grid} grid, "
+                              f"not more than mask.min_keep={m.min_keep}; raise the scale or lower mask.min_keep "
+                              f"(I-JEPA: 10 at 16x16)")
+    return gen
