@@ -1,4 +1,4 @@
-"""`python -m benchmarks [name ...]`: run the named benchmarks (default: all available), each printing its own table
+"""`python -m benchmarks [name ...]`: run the named benchmarks (default: all but `gpu`), each printing its own table
 and writing benchmarks/results/<name>.json, then a summary table of the headline ratios against their goals
 (benchmarks/results/summary.json). Every ratio is measured side by side in one run: absolute times on a shared
 CPU vary several-fold between runs."""
@@ -15,7 +15,8 @@ from mimkit.dist import keep_freed_memory
 from . import common
 from .common import results_dir, write_result
 
-ENTRIES = ["step", "peer", "machine", "hog", "kmeans", "e2e"]
+ENTRIES = ["step", "peer", "machine", "hog", "kmeans", "e2e", "loader"]
+ON_REQUEST = ["gpu"]  # the one-shot check for a CUDA machine (benchmarks/gpu.py): run by name only
 
 
 def headlines(name: str, r: dict) -> list[tuple[str, str, str]]:
@@ -59,6 +60,16 @@ def headlines(name: str, r: dict) -> list[tuple[str, str, str]]:
         rows.append(("CIFAR-10 loader / MAE step img/s",
                      f"{r['loader_over_step']:.1f}x" if "loader_over_step" in r else "skipped", "> 1x"))
         return rows
+    if name == "loader":
+        pc, cl = r["per_core"], r["closeness"]
+        return [("loader img/s per core, mimkit / MAE",
+                 f"{pc['speedup']['median']:.2f}x [{pc['speedup']['min']:.2f}-{pc['speedup']['max']:.2f}]",
+                 f">= {pc['goal']:.0f}x"),
+                ("loader vs MAE, 8-bit levels (mean, max)", f"{cl['mean_levels']:.3f}, {cl['max_levels']:.0f}",
+                 f"<= {cl['tolerance_levels']['mean']}, {cl['tolerance_levels']['max']:.0f}")]
+    if name == "gpu":
+        return [(f"gpu check: {part}", p["status"], "ok") for part, p in r["parts"].items()] or [
+            ("gpu check", r.get("error", "nothing ran"), "")]
     return []
 
 
@@ -71,20 +82,21 @@ def rounds(text: str) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("names", nargs="*", default=ENTRIES, help=f"any of {', '.join(ENTRIES)}")
+    p.add_argument("names", nargs="*", default=ENTRIES, help=f"any of {', '.join(ENTRIES + ON_REQUEST)}")
     p.add_argument("--repeats", type=rounds, default=3, help="interleaved timing rounds")
-    p.add_argument("--preset", choices=["cpu", "tiny"], default="cpu", help="step/peer/machine: tiny = smoke test")
-    for module in ("step", "peer", "e2e"):
+    p.add_argument("--preset", choices=["cpu", "tiny", "vit_b"], default="cpu", help="step/peer/machine/loader: tiny = smoke test; "
+                   "step: vit_b = ViT-B/16 at 224 px, batch 64, bf16 (for a GPU)")
+    for module in ("step", "peer", "e2e", "gpu"):
         importlib.import_module(f"benchmarks.{module}").add_args(p)
     args = p.parse_args(argv)
     # as every mimkit job on CPU does (dist.init); MIMKIT_KEEP_FREED_MEMORY=0 to compare
     common.FREED_MEMORY_KEPT = keep_freed_memory()
     given = {"repeats": args.repeats, "preset": args.preset, "methods": tuple(args.methods), "extra": tuple(args.extra),
-             "compiled": args.compile, "skip_job": args.skip_job}
+             "compiled": args.compile, "skip_job": args.skip_job, "dry_run": args.dry_run, "out": args.out}
     summary = {}
     for name in args.names:
-        if name not in ENTRIES:
-            p.error(f"unknown benchmark {name!r}; choose from {', '.join(ENTRIES)}")
+        if name not in ENTRIES + ON_REQUEST:
+            p.error(f"unknown benchmark {name!r}; choose from {', '.join(ENTRIES + ON_REQUEST)}")
         try:
             module = importlib.import_module(f"benchmarks.{name}")
         except ModuleNotFoundError as e:
@@ -111,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
                              for what, measured, goal in headlines(name, r)]
     print("\n== summary")
     print(f"{'benchmark':<10} {'what':<38} {'measured':<28} goal")
-    for name in (n for n in ENTRIES if n in summary):
+    for name in (n for n in ENTRIES + ON_REQUEST if n in summary):
         for what, measured, goal in summary[name]:
             print(f"{name:<10} {what:<38} {measured:<28} {goal}")
     write_result("summary", {"args": vars(args), "rows": {n: [list(r) for r in rows] for n, rows in summary.items()}})

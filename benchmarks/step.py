@@ -31,6 +31,8 @@ PRESETS = {
     "cpu": ["data.name=cifar10", "data.root=unused", "model.arch=vit_tiny", "model.patch_size=4", "data.img_size=32",
             "decoder.depth=4", "decoder.embed_dim=128", "decoder.num_heads=4", "batch_size=256"],
     "tiny": ["data.name=synthetic", "batch_size=8"],  # smoke tests: seconds, not a measurement
+    # the GPU check (benchmarks/gpu.py): the methods' ViT-B/16 recipes at 224 px, bf16, batch 64 per GPU
+    "vit_b": ["data.name=imagefolder", "data.root=unused", "batch_size=64", "precision=bf16"],
 }
 TOKENIZER_KIND = {"beit": "dvae", "beitv2": "vqkd", "clustermim": "kmeans"}
 OVERHEAD_GOAL = {"tokens": 0.25, "teacher": 0.35}  # the frozen network's time over the rest of the step
@@ -41,6 +43,9 @@ TOKENIZER_FALLBACK = {"dvae": ["vocab_size=8192", "dvae.groups=2", "dvae.hidden=
                       "vqkd": ["vocab_size=8192", "vqkd.embed_dim=192", "vqkd.depth=12", "vqkd.num_heads=3",
                                "vqkd.decoder_embed_dim=192", "vqkd.decoder_num_heads=3"],
                       "kmeans": []}
+# The 224 px ViT-B tokenizers are shaped by their ImageNet configs (the dvae's 112 px input, a ViT-B VQ-KD, K=50).
+TOKENIZER_CONFIG = {("imagefolder", "dvae"): "dvae_vit_base_imagenet", ("imagefolder", "vqkd"): "vqkd_vit_base_imagenet",
+                    ("imagefolder", "kmeans"): "kmeans_pixels_vit_base_imagenet"}
 
 
 def device() -> torch.device:
@@ -53,7 +58,8 @@ def small_tokenizer(kind: str, cfg, out_dir: Path) -> str:
     from mimkit.tokenizers.dvae import DVAE
     from mimkit.tokenizers.kmeans import KMeansTokenizer
     from mimkit.tokenizers.vqkd import VQKD
-    file = REPO / "configs" / "tokenizer" / f"{kind}_{cfg.data.name}.yaml"
+    name = TOKENIZER_CONFIG.get((cfg.data.name, kind), f"{kind}_{cfg.data.name}")
+    file = REPO / "configs" / "tokenizer" / f"{name}.yaml"
     size, p = cfg.data.img_size, cfg.model.patch_size
     grid = size // p
     half = max(1, size // 2 // grid)  # BEiT's dVAE sees a half-resolution copy: input = grid * 2^(groups - 1)
@@ -97,14 +103,15 @@ def method_config(method: str, preset: str = "cpu", extra: tuple[str, ...] = (),
     return cfg
 
 
-def build_step(cfg, dev: torch.device | None = None):
+def build_step(cfg, dev: torch.device | None = None, backend: str = "inductor"):
     """(step, model, imgs, mask): one engine step (autocast as the engine, backward, AdamW, zero_grad) on a
-    fixed random batch with masks from the method's generator; `cfg.compile` and `cfg.precision` as the engine."""
+    fixed random batch with masks from the method's generator; `cfg.compile` and `cfg.precision` as the engine
+    (`backend` is torch.compile's: the GPU check's dry run traces with "eager", which skips code generation)."""
     dev = dev or device()
     torch.manual_seed(0)
     model = place_model(build_method(cfg), dev, cfg.precision).train()
     opt = build_optimizer(model, cfg, dev)
-    train_model = torch.compile(model) if cfg.compile else model
+    train_model = torch.compile(model, backend=backend) if cfg.compile else model
     grid = cfg.data.img_size // cfg.model.patch_size
     gen = build_mask_generator(cfg.mask, grid, cfg.model.patch_size)
     g = torch.Generator().manual_seed(0)
