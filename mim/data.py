@@ -1,7 +1,7 @@
 """Datasets, transforms and loaders.
 
-Every dataset yields (image, label) with images as PIL images or float tensors in [0, 1]; transforms bring
-them to normalized tensors. Pretraining samples are drawn through `EpochSampler`, which hands the dataset
+Every dataset yields (image, label) with images as uint8 tensors [3, H, W] (folders, decoded by libjpeg-turbo
+through torchvision.io) or float tensors in [0, 1] (in memory); transforms bring them to normalized tensors. Pretraining samples are drawn through `EpochSampler`, which hands the dataset
 (epoch, index) keys so each sample's augmentation and mask come from a generator seeded by
 (run seed, epoch, index): a run is reproducible whatever the world size or the number of loader workers.
 """
@@ -15,9 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
+from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms import RandomResizedCrop
 
 from .config import ConfigError, check_range, choices
 
@@ -140,14 +144,28 @@ def synthetic(split: str, size: int = 512, img_size: int = 16, num_classes: int 
     return TensorImages(x.clamp(0, 1), labels, [f"class{c}" for c in range(num_classes)])
 
 
+# decoded by torchvision.io (libjpeg-turbo, libpng, libwebp, giflib); other formats go through Pillow
+TORCHVISION_DECODES = (".jpg", ".jpeg", ".png", ".webp", ".gif")
+
+
+def read_rgb(path: str) -> torch.Tensor:
+    """An image file as a uint8 tensor [3, H, W], pixel for pixel what Pillow's `open(path).convert("RGB")`
+    holds (torchvision's default loader). JPEGs decode faster through torchvision.io than through Pillow
+    (benchmarks/README.md, loader)."""
+    if path.lower().endswith(TORCHVISION_DECODES):
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    with open(path, "rb") as f:
+        return TF.pil_to_tensor(Image.open(f).convert("RGB"))
+
+
 class CheckedImageFolder(ImageFolder):
-    """ImageFolder whose read errors name the file (torchvision's say only what PIL says)."""
+    """ImageFolder of uint8 tensors whose read errors name the file (torchvision's name only the decoder)."""
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
         try:
-            return self.loader(path), label
-        except Exception as e:  # PIL raises several types for truncated or non-image files
+            return read_rgb(path), label
+        except Exception as e:  # the decoders raise several types for truncated or non-image files
             raise DataError(f"cannot read image {path}: {e}") from None
 
 
@@ -205,13 +223,38 @@ def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 # Transforms
 
 
-def pretrain_transform(data_cfg) -> T.Compose:
+class PretrainTransform:
+    """RandomResizedCrop (bicubic, antialiased, aspect ratio 3/4-4/3), horizontal flip, normalize: MAE's pipeline.
+
+    The crop and the flip draw exactly what torchvision's RandomResizedCrop and RandomHorizontalFlip draw (v1 and
+    v2) from the global generator, so a sample seeded alike gets the same crop as in MAE's code. uint8 images
+    (folders) are cropped and resized as uint8 (torch's vectorized antialiased kernel, close to Pillow's) and
+    converted and normalized in one pass; float images (in memory) take torchvision's float ops as before."""
+
+    def __init__(self, size: int, scale: tuple[float, float], hflip: bool, mean, std):
+        self.size, self.scale, self.ratio, self.hflip = size, tuple(scale), (3 / 4, 4 / 3), hflip
+        self.mean, self.std = list(mean), list(std)
+        self.shift = torch.tensor(mean).view(-1, 1, 1) * 255
+        self.factor = 1 / (torch.tensor(std).view(-1, 1, 1) * 255)
+
+    def __call__(self, img: torch.Tensor | Image.Image) -> torch.Tensor:
+        """img [C, H, W] (uint8 or float in [0, 1]) or a PIL image -> normalized float32 [C, size, size]."""
+        if isinstance(img, Image.Image):
+            img = TF.pil_to_tensor(img.convert("RGB"))
+        img = img.as_subclass(torch.Tensor)
+        i, j, h, w = RandomResizedCrop.get_params(img, self.scale, self.ratio)  # = v2's draws (same algorithm)
+        img = TF.resized_crop(img, i, j, h, w, [self.size, self.size], interpolation=T.InterpolationMode.BICUBIC,
+                              antialias=True)
+        if self.hflip and torch.rand(1) < 0.5:
+            img = TF.horizontal_flip(img)
+        if img.dtype == torch.uint8:
+            return img.to(torch.float32).sub_(self.shift).mul_(self.factor)
+        return TF.normalize(img, self.mean, self.std)
+
+
+def pretrain_transform(data_cfg) -> PretrainTransform:
     mean, std = dataset_stats(data_cfg.name)
-    ops = [T.ToImage(), T.RandomResizedCrop(data_cfg.img_size, scale=tuple(data_cfg.crop_scale),
-                                            interpolation=T.InterpolationMode.BICUBIC, antialias=True)]
-    if data_cfg.hflip:
-        ops.append(T.RandomHorizontalFlip())
-    return T.Compose(ops + [T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+    return PretrainTransform(data_cfg.img_size, data_cfg.crop_scale, data_cfg.hflip, mean, std)
 
 
 def eval_transform(data_cfg) -> T.Compose:

@@ -110,4 +110,67 @@ def test_cifar10_folder():
     tr, te = build_dataset(cfg, "train"), build_dataset(cfg, "test")
     assert len(tr) == 50000 and len(te) == 10000 and len(tr.classes) == 10
     img, label = tr[0]
-    assert img.size == (32, 32) and pretrain_transform(cfg)(img).shape == (3, 32, 32)
+    assert img.shape == (3, 32, 32) and img.dtype == torch.uint8
+    assert pretrain_transform(cfg)(img).shape == (3, 32, 32)
+
+
+def smooth_image(h: int, w: int, seed: int = 0) -> Image.Image:
+    """A photo-like RGB image: random colours at a coarse grid, upsampled bicubically, plus a little noise."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (6, 8, 3), dtype=np.uint8)).resize((w, h), Image.BICUBIC)
+    return Image.fromarray(np.clip(np.asarray(coarse) + rng.normal(0, 6, (h, w, 3)), 0, 255).astype(np.uint8))
+
+
+@pytest.mark.parametrize("name,mode", [("a.jpg", "RGB"), ("b.JPEG", "L"), ("c.png", "RGB"), ("d.png", "RGBA"),
+                                       ("e.bmp", "RGB"), ("f.webp", "RGB")])
+def test_read_rgb_is_pillows_rgb_pixels(tmp_path, name, mode):
+    from mimkit.data import read_rgb
+    path = tmp_path / name
+    smooth_image(30, 40).convert(mode).save(path, quality=90) if name.lower().endswith(("jpg", "jpeg")) else \
+        smooth_image(30, 40).convert(mode).save(path)
+    ref = torch.from_numpy(np.asarray(Image.open(path).convert("RGB")).copy()).permute(2, 0, 1)
+    got = read_rgb(str(path))
+    assert got.dtype == torch.uint8 and got.shape == (3, 30, 40)
+    assert torch.equal(got, ref)
+
+
+def test_pretrain_transform_matches_maes_pipeline_on_uint8_images():
+    """The official MAE pipeline (torchvision v1 transforms on a PIL image) seeded alike: the same crops and flips,
+    pixels within 2 levels of 255 (resampling rounds in a different order), the mean difference far below one."""
+    import torchvision.transforms as T1
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    mae = T1.Compose([T1.RandomResizedCrop(24, scale=(0.2, 1.0), interpolation=3), T1.RandomHorizontalFlip(),
+                      T1.ToTensor(), T1.Normalize(mean, std)])
+    ours = pretrain_transform(DataConfig(name="imagefolder", root="x", img_size=24))
+    levels = torch.tensor(std).view(3, 1, 1) * 255
+    refs, diffs, others = [], [], []
+    for seed in range(30):
+        img = smooth_image(45, 60, seed)
+        torch.manual_seed(seed)
+        refs.append(mae(img))
+        torch.manual_seed(seed)
+        got = ours(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+        assert got.dtype == torch.float32 and got.shape == refs[-1].shape
+        diffs.append((got - refs[-1]) * levels)
+        others.append((ours(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1)) - refs[-1]) * levels)
+    d = torch.stack(diffs).abs()
+    assert d.max() <= 2.01 and d.mean() < 0.2, (d.max(), d.mean())
+    # the bound means something: the next draw (another crop and flip) is many levels away
+    assert torch.stack(others).abs().mean() > 10
+
+
+def test_pretrain_transform_on_float_images_is_torchvisions_v2_compose():
+    """In-memory (float) images: bit for bit the torchvision v2 pipeline the golden values were recorded with."""
+    import torchvision.transforms.v2 as T
+    cfg = DataConfig(name="digits", img_size=8, crop_scale=(0.3, 1.0))
+    mean, std = ((0.3052,) * 3, (0.3815,) * 3)
+    v2 = T.Compose([T.ToImage(), T.RandomResizedCrop(8, scale=(0.3, 1.0), interpolation=T.InterpolationMode.BICUBIC,
+                                                     antialias=True), T.RandomHorizontalFlip(),
+                    T.ToDtype(torch.float32, scale=True), T.Normalize(mean, std)])
+    ours = pretrain_transform(cfg)
+    base = build_dataset(cfg, "train")
+    for i in range(20):
+        torch.manual_seed(i)
+        ref = v2(base[i][0])
+        torch.manual_seed(i)
+        assert torch.equal(ours(base[i][0]), ref.as_subclass(torch.Tensor)), i
