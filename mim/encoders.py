@@ -31,18 +31,23 @@ def read_spec(path: str | Path, stored: dict) -> EncoderSpec:
     return EncoderSpec(model, data, str(stored.get("method", "")), int(stored.get("seed", 0)))
 
 
-def load_encoder(path: str | Path, img_size: int | None = None,
-                 ckpt: dict | None = None) -> tuple[ViT, EncoderSpec, dict]:
+# which encoder of a checkpoint: the trained student, or the EMA teacher of data2vec 2.0 / I-JEPA (target.kind=ema)
+ENCODER_KEYS = {"student": "encoder.", "ema": "target.teacher."}
+
+
+def load_encoder(path: str | Path, img_size: int | None = None, ckpt: dict | None = None,
+                 weights: str = "student") -> tuple[ViT, EncoderSpec, dict]:
     """The encoder of a pretraining checkpoint (weights under `encoder.` in ckpt["model"], whatever the
-    method), its settings, and the checkpoint (pass `ckpt` if already loaded from `path`). A different
-    `img_size` regenerates the fixed sin-cos positions for the new grid."""
+    method; with weights="ema" the EMA teacher's), its settings, and the checkpoint (pass `ckpt` if already loaded
+    from `path`). A different `img_size` regenerates the fixed sin-cos positions for the new grid."""
     ckpt = checkpoint.load(path, "pretrain") if ckpt is None else ckpt
     if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("config"), dict):
         raise CheckpointError(f"{path} has no 'model' and 'config' entries; is it a mimkit pretraining checkpoint?")
     spec = read_spec(path, ckpt["config"])
-    state = {k[len("encoder."):]: v for k, v in ckpt["model"].items() if k.startswith("encoder.")}
+    prefix = ENCODER_KEYS[weights]
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     if not state:
-        raise CheckpointError(f"{path} holds no encoder weights (no 'encoder.' keys in its model)")
+        raise CheckpointError(f"{path} holds no {weights} encoder weights (no '{prefix}' keys in its model)")
     size = img_size or spec.data.img_size
     if size % spec.model.patch_size:
         raise ConfigError(f"data.img_size={size} is not divisible by the checkpoint's patch size "

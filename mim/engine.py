@@ -128,6 +128,8 @@ def setup(cfg) -> PretrainRun:
     out = resolve_output_dir(cfg)
     loop = Loop(cfg, model, optimizer, device, len(loader), log=RunLog(out), ckpt_path=out / "checkpoints" / "last.pt")
     start_epoch = 0 if resume_from is None else resume(resume_from, model, optimizer, loop, cfg.seed)
+    updates = cfg.epochs * (len(loader) // cfg.accum_iter)
+    loop.on_step = lambda: model.after_step((loop.step - 1) / updates)
     write_run_dir(cfg)
     log = loop.log
     if resume_from is not None:

@@ -7,14 +7,18 @@ checkpoints load), and optionally its own config section (`Config`, named after 
 - `linear` (SimMIM, MaskFeat): one linear map per patch token, xavier init, [B, N, out_dim].
 - `masked_linear` (BEiT's lm_head): the same map evaluated at the masked positions only, [M, out_dim] in the
   order of mask.nonzero(), trunc-normal(0.02) init.
+- `conv_decoder` (data2vec 2.0): convolutions over the restored token grid, [B, N, out_dim].
+- `predictor` (I-JEPA): a narrow transformer from the context tokens to the target blocks' positions.
 Heads register with `@register_head(name)`."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .config import ConfigError
 from .registry import registrar
 from .vit import ViT, init_weights, make_blocks, sincos_pos_embed, visible_first
 
@@ -104,3 +108,110 @@ class MaskedLinearHead(LinearHead):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """tokens [B, 1 + N, D] (CLS first) -> [M, out_dim] at the masked positions, in mask.nonzero() order."""
         return nn.functional.linear(tokens[:, 1:][mask], self.weight, self.bias)
+
+
+@dataclass
+class ConvDecoderConfig:
+    """data2vec 2.0's image decoder (the `conv_decoder` section; fairseq Decoder2d): ViT-B 6 layers of width 768,
+    kernel 3, 16 groups; masked slots start as Gaussian noise of std 0.01 (mask_noise_std)."""
+    depth: int = 6
+    embed_dim: int = 0  # 0: the encoder's width (768 at ViT-B)
+    kernel: int = 3
+    groups: int = 16
+    noise_std: float = 0.01
+
+
+@register_head("conv_decoder")
+class ConvDecoder(nn.Module):
+    """Visible tokens back in their grid slots, masked slots noise; `depth` layers of grouped conv (same padding),
+    LayerNorm over channels without affine and GELU, each added to its input when the widths match (fairseq's
+    decoder_residual); a linear map to `out_dim` per patch."""
+    Config = ConvDecoderConfig
+    encoder_mode, attr = "drop", "decoder"
+
+    def __init__(self, grid: int, embed_dim: int, out_dim: int, dim: int, depth: int = 6, kernel: int = 3,
+                 groups: int = 16, noise_std: float = 0.01):
+        super().__init__()
+        self.grid, self.noise_std = grid, noise_std
+        self.convs = nn.ModuleList([nn.Conv2d(embed_dim if i == 0 else dim, dim, kernel, padding=kernel // 2,
+                                              groups=groups) for i in range(depth)])
+        self.proj = nn.Linear(dim, out_dim)
+
+    @classmethod
+    def build(cls, cfg, encoder: ViT, out_dim: int) -> "ConvDecoder":
+        d = cfg.conv_decoder
+        dim = d.embed_dim or encoder.embed_dim
+        for key, value in (("conv_decoder.depth", d.depth), ("conv_decoder.kernel", d.kernel),
+                           ("conv_decoder.groups", d.groups)):
+            if value < 1:
+                raise ConfigError(f"{key}={value} must be at least 1")
+        if d.kernel % 2 == 0 or encoder.embed_dim % d.groups or dim % d.groups:
+            raise ConfigError(f"conv_decoder.groups={d.groups} must divide the encoder's width {encoder.embed_dim} "
+                              f"and conv_decoder.embed_dim={dim}, and conv_decoder.kernel={d.kernel} must be odd")
+        return cls(encoder.grid, encoder.embed_dim, out_dim, dim, d.depth, d.kernel, d.groups, d.noise_std)
+
+    def forward(self, latent: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """latent: encoder output [B, 1 + n_visible, D] (CLS first); mask: [B, N] bool. Returns [B, N, out_dim]."""
+        x = latent[:, 1:]
+        (B, N), D = mask.shape, x.shape[-1]
+        noise = x.new_empty(B, N - x.shape[1], D).normal_(0, self.noise_std)
+        slots = visible_first(mask).argsort(dim=1)
+        x = torch.gather(torch.cat([x, noise], dim=1), 1, slots.unsqueeze(-1).expand(-1, -1, D))
+        x = x.transpose(1, 2).reshape(B, D, self.grid, self.grid)
+        for conv in self.convs:
+            y = F.gelu(F.layer_norm(conv(x).permute(0, 2, 3, 1), (conv.out_channels,)).permute(0, 3, 1, 2))
+            x = y + x if y.shape == x.shape else y
+        return self.proj(x.flatten(2).transpose(1, 2))
+
+    dense = forward
+
+
+@dataclass
+class PredictorConfig:
+    """I-JEPA's predictor (the `predictor` section); ViT-H/14: 12 blocks of width 384 (pred_depth, pred_emb_dim)."""
+    depth: int = 12
+    embed_dim: int = 384
+    num_heads: int = 0  # 0: the encoder's number of heads (I-JEPA)
+
+
+@register_head("predictor")
+class JEPAPredictor(nn.Module):
+    """I-JEPA's VisionTransformerPredictor: the context tokens projected to the predictor's width plus its fixed
+    sin-cos positions, and for each target block a mask token plus the positions of that block's patches; the
+    blocks run as separate sequences (the context repeated per block), then norm and a linear map back to the
+    encoder's width at the target positions."""
+    Config = PredictorConfig
+    encoder_mode, attr = "drop", "jepa_predictor"
+
+    def __init__(self, grid: int, embed_dim: int, out_dim: int, dim: int = 384, depth: int = 12, num_heads: int = 16,
+                 mlp_ratio: float = 4.0):
+        super().__init__()
+        self.embed = nn.Linear(embed_dim, dim)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim))
+        self.blocks = make_blocks(dim, depth, num_heads, mlp_ratio)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.proj = nn.Linear(dim, out_dim)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.mask_token, std=0.02)
+
+    @classmethod
+    def build(cls, cfg, encoder: ViT, out_dim: int) -> "JEPAPredictor":
+        p = cfg.predictor
+        heads = p.num_heads or encoder.num_heads
+        if p.depth < 1 or p.embed_dim < 1 or p.embed_dim % heads:
+            raise ConfigError(f"predictor.depth={p.depth} and predictor.embed_dim={p.embed_dim} must be positive, and "
+                              f"the width divisible by its {heads} heads (predictor.num_heads; 0 = the encoder's)")
+        return cls(encoder.grid, encoder.embed_dim, out_dim, p.embed_dim, p.depth, heads, cfg.model.mlp_ratio)
+
+    def forward(self, latent: torch.Tensor, context: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """latent: the context encoder's tokens [B, 1 + n, D] (CLS first) at the patches `context` [B, n] (grid
+        indices); targets: [B, T, k] grid indices of T blocks. Returns the predictions [B, T, k, out_dim]."""
+        (B, T, k), pos = targets.shape, self.pos_embed[0, 1:]
+        x = self.embed(latent)
+        x = x + torch.cat([self.pos_embed[:, :1].expand(B, -1, -1), pos[context]], dim=1)
+        queries = (self.mask_token + pos[targets]).flatten(0, 1)  # [B * T, k, dim]
+        x = torch.cat([x.repeat_interleave(T, dim=0), queries.to(x.dtype)], dim=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return self.proj(self.norm(x[:, -k:])).unflatten(0, (B, T))

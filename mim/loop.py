@@ -114,6 +114,7 @@ class Loop:
     history: list = field(default_factory=list)
     bad_steps: int = 0
     lr: float = 0.0  # the last learning rate set
+    on_step: Callable[[], None] | None = None  # after every optimizer step (pretraining: the EMA teacher's update)
 
     @property
     def base_lr(self) -> float:
@@ -170,6 +171,8 @@ def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, forward: Callable
             continue
         if backward_step(loss, it, loop.model, loop.optimizer, cfg.accum_iter, cfg.optim.clip_grad):
             loop.step += 1
+            if loop.on_step is not None:
+                loop.on_step()
             if loop.writer is not None:
                 loop.writer.add_scalar("train/loss", loss_value, loop.step)
                 loop.writer.add_scalar("train/lr", lr, loop.step)

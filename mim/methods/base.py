@@ -19,6 +19,7 @@ from mimkit.heads import HEADS
 from mimkit.losses import LOSSES
 from mimkit.registry import registrar
 from mimkit.targets import TARGETS, TargetContext, build_target
+from mimkit.targets.ema import EMATeacher
 from mimkit.vit import build_encoder
 
 METHODS: dict[str, type["Method"]] = {}
@@ -47,18 +48,30 @@ class Method(nn.Module):
     name: str = ""
     recipe: dict = {}
     Config: type | None = None  # the method's own section `<name>`; None: no settings of its own
+    mask_sets: bool = False  # True: takes the context + target masks of mask.kind=multiblock (I-JEPA)
 
     def __init__(self, cfg):
         super().__init__()
         check_parts(cfg)
         self.cfg = cfg
         self.encoder = build_encoder(cfg.model, cfg.data.img_size)
+        if (cfg.mask.kind == "multiblock") != self.mask_sets:
+            raise ConfigError(f"method={cfg.method} takes {'only' if self.mask_sets else 'no'} mask.kind=multiblock "
+                              f"(context and target blocks, I-JEPA's)")
         self.target = build_target(cfg.target, target_context(cfg))  # not a submodule: frozen, outside the optimizer
+        if isinstance(self.target, EMATeacher):  # the exception: a teacher that follows the encoder, in the checkpoint
+            self.target.follow(self.encoder)
         head_cls = HEADS[cfg.head]
         self.add_module(head_cls.attr, head_cls.build(cfg, self.encoder, self.target.out_dim))
         self.head_attr = head_cls.attr
         self.loss = LOSSES[cfg.loss][0]
         self.panel_name = self.target.panel_name
+
+    def after_step(self, progress: float) -> None:
+        """After every optimizer step; `progress` = the updates before this one / the run's updates. The EMA
+        teacher follows the encoder here."""
+        if isinstance(self.target, EMATeacher):
+            self.target.update(self.encoder, progress)
 
     @property
     def predictor(self) -> nn.Module:
