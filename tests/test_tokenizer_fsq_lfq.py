@@ -127,6 +127,25 @@ def test_lfq_entropies_equal_brute_force(tau):
     assert b2.item() >= batch.item() - 1e-5  # subadditivity: an upper bound of the joint batch entropy
 
 
+def test_lfq_gradients_stay_finite_when_code_probabilities_underflow():
+    z = (torch.randn(64, 8) * 50).requires_grad_(True)  # tau 0.01: most codes get probability exactly 0
+    _, _, loss, _ = LFQuantizer(8, entropy_groups=1)(z)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+
+
+def test_scale_sensitive_layouts_start_with_standardized_latents():
+    torch.manual_seed(0)
+    layout = {"objective": "pixels", "input_size": 8, "groups": 2, "hidden": 16, "blocks_per_group": 1}
+    tok = FSQTokenizer(8, 4, 240, *STATS, layout=layout, quantizer={"levels": [8, 6, 5]})
+    x = torch.randn(64, 3, 8, 8)
+    assert tok.latents(x).std() < 0.3 and not bool(tok.standardized)  # small init: nearly one code
+    tok.standardize(x)
+    z = tok.latents(x).flatten(0, 1)
+    assert torch.allclose(z.mean(0), torch.zeros(3), atol=1e-4) and torch.allclose(z.std(0), torch.ones(3), atol=1e-4)
+    assert bool(tok.standardized) and tok.encode(x).unique().numel() > 30
+
+
 class LargestTensor(TorchDispatchMode):
     def __init__(self):
         super().__init__()

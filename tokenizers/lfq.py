@@ -67,7 +67,8 @@ def lfq_entropies(z: torch.Tensor, tau: float, groups: int) -> tuple[torch.Tenso
         p = logp.exp()
         sample = sample - (p * logp).sum(-1).mean()
         avg = p.mean(0)
-        batch = batch - torch.special.xlogy(avg, avg).sum()
+        # clamped inside the log: a code whose mean probability underflows to 0 would give 0 * log 0 = nan gradients
+        batch = batch - (avg * avg.clamp_min(torch.finfo(avg.dtype).tiny).log()).sum()
     return sample, batch
 
 

@@ -45,6 +45,8 @@ class PeCoConfig(ConvLayoutConfig):
 class SphericalEMAQuantizer(Quantizer):
     """VQ-KD's EMA codebook (mimkit.tokenizers.vqkd.NormEMAQuantizer) on the L2-normalized vectors."""
 
+    scale_sensitive = False  # z is L2-normalized; the codebook is initialized by k-means on the first batch
+
     def __init__(self, vocab_size: int, dim: int, decay: float, beta: float, restart: float):
         super().__init__()
         self.dim, self.vocab_size = dim, vocab_size

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -43,6 +44,9 @@ class Quantizer(nn.Module, ABC):
 
     dim: int
     vocab_size: int
+    # whether the codes depend on the scale of z (rounding, signs): then the projection into the code space is
+    # standardized on the first training batch (`QuantizedTokenizer.standardize`)
+    scale_sensitive: bool = True
 
     @abstractmethod
     def indices(self, z: torch.Tensor) -> torch.Tensor:
@@ -79,6 +83,7 @@ class QuantizedTokenizer(TrainableTokenizer, ABC):
                                  f"not give a {grid}x{grid} grid")
             sizes = (layout["hidden"], layout["groups"], layout["blocks_per_group"])
             self.encoder, self.decoder = Encoder(dim, *sizes), Decoder(dim, *sizes)
+        self.register_buffer("standardized", torch.tensor(not self.quantizer.scale_sensitive))
 
     @classmethod
     @abstractmethod
@@ -108,6 +113,23 @@ class QuantizedTokenizer(TrainableTokenizer, ABC):
         h = self.encoder(x)[:, 1:]
         with torch.autocast(h.device.type, enabled=False):  # quantizers round and compare in float32
             return self.encode_task(h.float())
+
+    @torch.no_grad()
+    def standardize(self, x: torch.Tensor) -> None:
+        """Rescale the last projection into the code space so that the latents of x (the encoder's view of a
+        batch) have mean 0 and std 1 per dimension. FSQ and LFQ have no codebook to initialize from data (VQ-KD
+        runs k-means on its first batch); at the layouts' small initial weights every latent would round to the
+        same code, so the codes are spread over the levels from the first step instead."""
+        z = self.latents(x).flatten(0, 1).float()
+        mean, std = z.mean(0), z.std(0).clamp_min(1e-6)
+        proj = self.encode_task[-1] if self.objective == "teacher" else self.encoder.blocks.output.conv
+        shape = (-1,) + (1,) * (proj.weight.dim() - 1)  # a Linear's rows or a 1x1 conv's output channels
+        proj.weight.div_(std.view(shape).to(proj.weight.dtype))
+        proj.bias.sub_(mean.to(proj.bias.dtype)).div_(std.to(proj.bias.dtype))
+        if dist.is_available() and dist.is_initialized():  # every rank starts from rank 0's scaling
+            dist.broadcast(proj.weight, 0)
+            dist.broadcast(proj.bias, 0)
+        self.standardized.fill_(True)
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
         z = self.latents(self.view(images))
@@ -165,6 +187,8 @@ class QuantizedTraining(GradientTraining):
     def reconstruction(self, imgs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict, tuple]:
         """(reconstruction loss, ids [B, N], quantizer loss, quantizer scalars, (view, decoded)) of images."""
         x = self.tok.view(resize(imgs, self.tok.img_size))
+        if self.tok.training and not bool(self.tok.standardized):
+            self.tok.standardize(x)
         out, ids, q_loss, stats = self.tok(x)
         if self.tok.objective == "teacher":
             target = self.teacher(imgs, (self.tok.mean, self.tok.std), self.tok.grid)
