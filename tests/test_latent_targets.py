@@ -174,3 +174,59 @@ def test_shipped_configs_build(path):
     assert m.shape[-1] == grid * grid and 0 < m.float().mean() < 1
     if "digits" in path or "cifar10" in path:
         build_method(cfg)  # the heads, the teacher and the target settings fit the encoder
+
+
+DDP_WORKER = """
+import sys
+import torch
+from mimkit import dist, engine
+from mimkit.methods import pretrain_config
+
+base, common = sys.argv[1], sys.argv[2:]
+dist.cleanup = lambda: None  # one process group for both runs
+engine.train(pretrain_config([], [*common, f"output_dir={base}/d2v", *{d2v}, "data2vec2.cls_loss=0.02"]))
+engine.train(pretrain_config([], [*common, f"output_dir={base}/jepa", *{jepa}]))
+# I-JEPA trims each rank's blocks to its own batch (as the official collator), so it is not equal to one process;
+# what must hold is one teacher on every rank
+model = engine.build_method(pretrain_config([], [*common, f"output_dir={base}/jepa", *{jepa}]))
+model.load_state_dict(torch.load(f"{base}/jepa/checkpoints/last.pt", weights_only=True)["model"])
+teacher = torch.cat([p.flatten() for p in model.target.teacher.parameters()])
+gathered = dist.all_gather_object(teacher)
+assert torch.equal(gathered[0], gathered[1])
+torch.distributed.destroy_process_group()
+"""
+
+
+def test_two_processes_match_one_process_with_the_ema_teacher(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from test_ddp import free_port
+    # 160 synthetic images, 2 epochs of 10 steps; no decoder noise (each rank draws its own); fairseq's CLS term
+    # is summed over a process's samples, so one process with twice the batch takes half the weight
+    common = ["data.name=synthetic", "data.synthetic_size=160", "optim.blr=1e-2", "epochs=2", "probe.enabled=false",
+              "conv_decoder.noise_std=0"]
+    (tmp_path / "worker.py").write_text(DDP_WORKER.replace("{d2v}", repr(D2V)).replace("{jepa}", repr(JEPA)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(tmp_path / "worker.py"), str(tmp_path), *common, "batch_size=8"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(pretrain_config([], [*common, *D2V, "batch_size=16", "data2vec2.cls_loss=0.01",
+                                   f"output_dir={tmp_path / 'single'}"]))
+    finally:
+        torch.set_num_threads(n)
+    a, b = (load(tmp_path / d / "checkpoints" / "last.pt") for d in ("single", "d2v"))
+    assert a["step"] == b["step"] == 20
+    init = build_method(pretrain_config([], [*common, *D2V, f"output_dir={tmp_path / 'x'}"])).state_dict()
+    moved = max((a["model"][k].float() - init[k].float()).abs().max().item() for k in a["model"])
+    assert moved > 1e-3, moved
+    for k in a["model"]:
+        x, y = a["model"][k], b["model"][k]
+        if k.endswith("qkv.bias"):  # the key bias: rounding noise only (see test_ddp.py)
+            x, y = x.view(3, -1)[[0, 2]], y.view(3, -1)[[0, 2]]
+        torch.testing.assert_close(y, x, rtol=0, atol=1e-5, msg=k)
