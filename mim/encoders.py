@@ -47,7 +47,8 @@ def load_encoder(path: str | Path, img_size: int | None = None, ckpt: dict | Non
     prefix = ENCODER_KEYS[weights]
     state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
     if not state:
-        raise CheckpointError(f"{path} holds no {weights} encoder weights (no '{prefix}' keys in its model)")
+        hint = "; encoder=ema needs a run whose target.kind is ema (data2vec2, ijepa)" if weights == "ema" else ""
+        raise CheckpointError(f"{path} holds no {weights} encoder weights (no '{prefix}' keys in its model){hint}")
     size = img_size or spec.data.img_size
     if size % spec.model.patch_size:
         raise ConfigError(f"data.img_size={size} is not divisible by the checkpoint's patch size "

@@ -65,6 +65,7 @@ class FinetuneConfig:
 class ProbeRunConfig:
     protocol: str = choices("linear", "knn", "finetune", default="linear")  # set by the sub-command
     checkpoint: str = ""  # a mimkit pretraining checkpoint (any method)
+    encoder: str = choices("student", "ema", default="student")  # ema: the EMA teacher (data2vec2, ijepa runs)
     output_dir: str = ""  # default: <pretraining run>/probe_<protocol>_<data.name>
     seed: int = 0
     device: str = choices(*DEVICES, default="auto")

@@ -55,7 +55,7 @@ def prepare_output_dir(cfg, default: Path, what: str = "a probe run", result_fil
 def run_probe(cfg: ProbeRunConfig, ckpt: dict | None = None) -> dict:
     """Run cfg.protocol and write <output_dir>/metrics.json; returns the metrics. `ckpt`: cfg.checkpoint's
     content, if already loaded."""
-    encoder, pretrain_cfg, ckpt = load_encoder(cfg.checkpoint, cfg.data.img_size, ckpt)
+    encoder, pretrain_cfg, ckpt = load_encoder(cfg.checkpoint, cfg.data.img_size, ckpt, cfg.encoder)
     validate(cfg, encoder.depth)
     device = dist.init(cfg.device)
     num_classes = len(build_dataset(cfg.data, "test").classes)  # data errors before anything is written
@@ -63,8 +63,8 @@ def run_probe(cfg: ProbeRunConfig, ckpt: dict | None = None) -> dict:
     out = prepare_output_dir(cfg, default_output_dir(cfg))
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(out / "tb"))
-    run = ProbeRun(cfg, encoder.to(device), pretrain_cfg, device, out, RunLog(out), writer,
-                   checkpoint_id(cfg.checkpoint), num_classes)
+    ckpt_id = checkpoint_id(cfg.checkpoint) + ("" if cfg.encoder == "student" else f"+{cfg.encoder}")  # cache key
+    run = ProbeRun(cfg, encoder.to(device), pretrain_cfg, device, out, RunLog(out), writer, ckpt_id, num_classes)
     rep = f"{cfg.features.pool} features{f' of block {cfg.features.layer}' if cfg.features.layer else ''}, "
     run.log(f"{cfg.protocol} probe of {cfg.checkpoint} ({pretrain_cfg.method or 'unknown method'}, epoch "
             f"{ckpt.get('epoch', -1) + 1}) on {cfg.data.name} at {cfg.data.img_size}px, "

@@ -132,6 +132,8 @@ CASES = [
     # probes, export and analysis
     ("probe without checkpoint file", ["probe", "knn", "--checkpoint", "{ws}/none.pt"], ["none.pt"]),
     ("probe on a foreign file", ["probe", "linear", "--checkpoint", "{ws}/foreign.pt"], ["foreign.pt", "not a mimkit"]),
+    ("probe the EMA teacher of an MAE run", ["probe", "knn", "--checkpoint", "{ws}/run/checkpoints/last.pt",
+                                             "encoder=ema"], ["encoder=ema", "data2vec2"]),
     ("probe misspelled key", ["probe", "knn", "--checkpoint", "{ws}/run/checkpoints/last.pt", "knn.kk=5"], ["knn.kk"]),
     ("export of a text file", ["export", "--checkpoint", "{ws}/notes.txt", "--out", "{ws}/x.pt"], ["notes.txt"]),
     ("analyze a missing tokenizer", ["analyze", "tokens", "--tokenizer", "{ws}/none.pt", "--out", "{ws}/a1"],

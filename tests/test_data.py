@@ -174,3 +174,25 @@ def test_pretrain_transform_on_float_images_is_torchvisions_v2_compose():
         ref = v2(base[i][0])
         torch.manual_seed(i)
         assert torch.equal(ours(base[i][0]), ref.as_subclass(torch.Tensor)), i
+
+
+def test_crop_params_are_torchvisions_get_params():
+    """The same draws and the same crops as torchvision's RandomResizedCrop.get_params, the fallback included
+    (extreme aspect ratios with a scale range no crop fits in 10 tries), and the generator left in the same state."""
+    from torchvision.transforms import RandomResizedCrop
+
+    from mimkit.data import crop_params
+    log_ratio = tuple(torch.log(torch.tensor((3 / 4, 4 / 3))).tolist())
+    fallbacks = 0
+    for seed, (h, w, scale) in enumerate([(375, 500, (0.2, 1.0)), (500, 375, (0.08, 1.0)), (8, 8, (0.6, 1.0)),
+                                          (32, 32, (0.2, 1.0)), (10, 300, (0.9, 1.0)), (300, 10, (0.9, 1.0)),
+                                          (50, 60, (1.0, 1.0))] * 30):
+        torch.manual_seed(seed)
+        ref = RandomResizedCrop.get_params(torch.empty(3, h, w), scale, (3 / 4, 4 / 3))
+        after_ref = torch.rand(1)
+        torch.manual_seed(seed)
+        assert crop_params(h, w, scale, log_ratio) == ref, (h, w, scale, seed)
+        assert torch.rand(1) == after_ref
+        fallbacks += ref in ((0, (w - int(round(h * 4 / 3))) // 2, h, int(round(h * 4 / 3))),
+                             ((h - int(round(w * 4 / 3))) // 2, 0, int(round(w * 4 / 3)), w))
+    assert fallbacks >= 30  # the 10 x 300 and 300 x 10 images: the fallback path was compared too

@@ -1,6 +1,7 @@
 """The EMA teacher (target.kind=ema) and the methods built on it, data2vec 2.0 and I-JEPA: the update and the
 momentum schedule by hand, data2vec 2.0's top-K instance-norm average against a plain reference, the teacher
 outside the optimizer and inside the checkpoint, short runs, bitwise resume and the shipped configs."""
+import json
 import math
 
 import pytest
@@ -146,6 +147,13 @@ def test_ijepa_digits_run_learns_without_collapse(tmp_path):
     teacher, _, _ = load_encoder(tmp_path / "jepa" / "checkpoints" / "last.pt", ckpt=ckpt, weights="ema")
     sd, td = encoder.state_dict(), teacher.state_dict()
     assert sd.keys() == td.keys() and not torch.equal(sd["blocks.0.mlp.fc1.weight"], td["blocks.0.mlp.fc1.weight"])
+    # `mimkit probe` takes either; their features are cached apart
+    for which in ("student", "ema"):
+        assert main(["probe", "knn", "--checkpoint", str(tmp_path / "jepa" / "checkpoints" / "last.pt"),
+                     "data.limit=256", f"encoder={which}", f"output_dir={tmp_path / which}"]) == 0
+    knn = [json.loads((tmp_path / w / "metrics.json").read_text()) for w in ("student", "ema")]
+    # different weights, different features: equal accuracies at every k would mean the cache mixed them up
+    assert knn[0]["pretrained"] != knn[1]["pretrained"]
 
 
 @pytest.mark.parametrize("args", [D2V, JEPA], ids=["data2vec2", "ijepa"])
