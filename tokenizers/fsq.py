@@ -26,8 +26,7 @@ from torch import nn
 from mimkit.config import ConfigError
 
 from .base import register_tokenizer
-from .quantized import QuantizedConfig, QuantizedTokenizer, Quantizer
-from .vqkd import VQKD
+from .quantized import VQKD_TRAINING, QuantizedConfig, QuantizedTokenizer, Quantizer
 
 FSQ_LEVELS = {8: [8, 6, 5], 10: [8, 5, 5, 5], 12: [7, 5, 5, 5, 5], 14: [8, 8, 8, 6, 5], 16: [8, 8, 8, 5, 5, 5]}
 EPS = 1e-3  # keeps the bounded range just wider than the outer levels so they are reached
@@ -80,11 +79,9 @@ class FSQuantizer(Quantizer):
 
 @register_tokenizer("fsq")
 class FSQTokenizer(QuantizedTokenizer):
-    paper = "FSQ (Mentzer et al. 2023)"
+    paper = "FSQ"
     Config = FSQConfig
-    # VQ-KD's optimizer and schedule, so that FSQ, LFQ and VQ-KD under one teacher differ in the quantizer only;
-    # the vocabulary follows from fsq.levels
-    recipe = {k: v for k, v in VQKD.recipe.items() if k != "vocab_size"}
+    recipe = VQKD_TRAINING
 
     @classmethod
     def make_quantizer(cls, levels: list[int]) -> FSQuantizer:

@@ -30,8 +30,7 @@ import torch.nn.functional as F
 from mimkit.config import ConfigError, check_range
 
 from .base import register_tokenizer
-from .quantized import QuantizedConfig, QuantizedTokenizer, Quantizer
-from .vqkd import VQKD
+from .quantized import VQKD_TRAINING, QuantizedConfig, QuantizedTokenizer, Quantizer
 
 MAX_GROUP_BITS = 9  # entropy_groups=0: groups of at most 9 bits (Open-MAGVIT2: 2 x 9 for 2^18 codes)
 
@@ -99,10 +98,9 @@ class LFQuantizer(Quantizer):
 
 @register_tokenizer("lfq")
 class LFQTokenizer(QuantizedTokenizer):
-    paper = "MAGVIT-v2 (LFQ)"
+    paper = "MAGVIT-v2's LFQ"
     Config = LFQConfig
-    # VQ-KD's optimizer and schedule (see fsq); the vocabulary follows from lfq.dim
-    recipe = {k: v for k, v in VQKD.recipe.items() if k != "vocab_size"}
+    recipe = VQKD_TRAINING
 
     @classmethod
     def make_quantizer(cls, **args) -> LFQuantizer:

@@ -28,9 +28,12 @@ from mimkit.teachers import Teacher
 
 from .base import GradientTraining, TrainableTokenizer, run_args
 from .dvae import ConvLayoutConfig, Decoder, Encoder, check_grid, conv_input_size, pixel_metrics, to01
-from .vqkd import ViTLayoutConfig, check_vit_layout, cosine_loss, vit_decoder, vit_encoder, vit_layout_args
+from .vqkd import VQKD, ViTLayoutConfig, check_vit_layout, cosine_loss, vit_decoder, vit_encoder, vit_layout_args
 
 OBJECTIVES = ("teacher", "pixels")
+# The recipe of the quantizer kinds whose vocabulary their settings fix (fsq, lfq): VQ-KD's optimizer and
+# schedule, so that they and VQ-KD under one teacher differ in the quantizer only
+VQKD_TRAINING = {k: v for k, v in VQKD.recipe.items() if k != "vocab_size"}
 
 
 @dataclass
