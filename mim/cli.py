@@ -17,7 +17,8 @@ from .methods import METHODS, pretrain_config
 from .targets import TARGETS
 
 # Modules that contribute sub-commands through `add_commands(subparsers)`.
-COMMAND_MODULES: list[str] = ["mimkit.probes.cli", "mimkit.tokenizers.cli", "mimkit.submit", "mimkit.probes.analyze_cli"]
+COMMAND_MODULES: list[str] = ["mimkit.probes.cli", "mimkit.tokenizers.cli", "mimkit.submit", "mimkit.probes.analyze_cli",
+                              "mimkit.probes.study"]
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 

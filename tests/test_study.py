@@ -1,0 +1,93 @@
+"""`mimkit study`: the plan's order, references and errors; a tiny study on the synthetic data that runs, writes
+its table and figures, skips what is done, reruns what changed and resumes what was interrupted."""
+import json
+
+import pytest
+import yaml
+
+from mimkit.cli import main
+from mimkit.config import ConfigError
+from mimkit.probes.study import load_study, plan, run_study
+
+TINY = {"data": {"name": "synthetic", "limit": 64, "test_limit": 32}, "budget": {"epochs": 1},
+        "overrides": ["batch_size=32"], "probes": ["knn"],
+        "tokenizers": {"km": {"kind": "kmeans", "overrides": ["vocab_size=8", "kmeans.max_samples=2000"]}},
+        "cells": {"mae": {"method": "mae"}, "clustermim": {"method": "clustermim", "tokenizer": "km"}}}
+
+
+def write(tmp_path, study, name="study.yaml"):
+    study = {"output_dir": str(tmp_path / "study"), **study}
+    (tmp_path / name).write_text(yaml.safe_dump(study))
+    return str(tmp_path / name)
+
+
+def test_plan_orders_teacher_tokenizer_cell_probes_and_analysis(tmp_path):
+    study = dict(TINY, tokenizers={**TINY["tokenizers"], "vq": {"kind": "vqkd", "teacher": "mae"}},
+                 cells={"beitv2": {"method": "beitv2", "tokenizer": "vq"}, **TINY["cells"],
+                        "eva": {"method": "eva", "teacher": "mae"}})
+    names = [s.name for s in plan(load_study(write(tmp_path, study)))]
+    assert names.index("cell:mae") < names.index("tokenizer:vq") < names.index("cell:beitv2")
+    assert names.index("cell:mae") < names.index("cell:eva")
+    assert names[names.index("cell:mae") + 1] == "probe:mae:knn"  # probes right after their cell
+    assert names[-1] == "analyze:tokens" and len(names) == len(set(names)) == 4 + 2 + 4 + 1
+    steps = {s.name: s for s in plan(load_study(write(tmp_path, study)))}
+    assert f"teacher.name=mimkit:{tmp_path / 'study' / 'cells' / 'mae' / 'checkpoints' / 'last.pt'}" in \
+        steps["tokenizer:vq"].overrides
+    assert "data.name=synthetic" in steps["tokenizer:vq"].overrides and "epochs=1" in steps["cell:eva"].overrides
+
+
+@pytest.mark.parametrize("study,words", [
+    ({"cells": {"a": {"method": "beit", "tokenizer": "nope"}}}, ["cells.a.tokenizer", "'nope'"]),
+    ({"cells": {"a": {"method": "eva", "teacher": "b"}, "b": {"method": "eva", "teacher": "a"}}}, ["cycle"]),
+    ({"cells": {"a": {"method": "mae", "tokeniser": "x"}}}, ["tokeniser", "tokenizer"]),
+    ({"cells": {}}, ["no cells"]),
+    ({"cells": {"a": {"method": "mae"}}, "probes": ["svm"]}, ["svm", "linear"]),
+])
+def test_bad_study_files_are_one_line_errors_before_anything_runs(tmp_path, capsys, study, words):
+    path = write(tmp_path, study)
+    assert main(["study", "--config", path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and all(w in err for w in words), err
+    assert not (tmp_path / "study").exists()
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    assert main(["study", "--config", write(tmp_path, TINY), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "cell:clustermim (after tokenizer:km)" in out and "2 cells, 1 tokenizers, 2 probes" in out
+    assert not (tmp_path / "study").exists()
+
+
+def test_shipped_studies_plan(tmp_path):
+    from mimkit.methods import METHODS
+    study = load_study("configs/study/digits.yaml")
+    cells = {s.name for s in plan(study) if s.kind == "pretrain"}
+    assert {f"cell:{m}" for m in METHODS} <= {f"cell:{c['method']}" for c in study["cells"].values()} | cells
+    with pytest.raises(ConfigError, match="budget.epochs"):
+        load_study("configs/study/digits.yaml", ["budget.epochs"])
+
+
+def test_tiny_study_runs_skips_reruns_and_resumes(tmp_path):
+    path = write(tmp_path, TINY)
+    first = run_study(load_study(path))
+    root = tmp_path / "study"
+    assert set(first["steps"].values()) == {"ran"}
+    rows = {r["cell"]: r for r in first["rows"]}
+    assert rows["clustermim"]["discrete"] and not rows["mae"]["discrete"] and rows["mae"]["family"] == "pixels"
+    assert all(r["knn"] is not None and r["train_seconds"] > 0 for r in rows.values())
+    assert rows["clustermim"]["tcas_norm"] is not None and rows["mae"]["tcas_norm"] is None
+    assert "random_init_knn" in first["baselines"]
+    assert json.loads((root / "study.json").read_text())["rows"][0]["cell"] in rows
+    assert "| clustermim |" in (root / "study.md").read_text()
+    for name in ("accuracy", "loss_curves", "tcas_vs_accuracy", "accuracy_vs_time"):
+        assert (root / "figures" / f"{name}.png").stat().st_size > 1000, name
+    again = run_study(load_study(path))
+    assert set(again["steps"].values()) == {"skipped"}
+    # a changed cell runs again from scratch, with its probes; the rest is skipped
+    changed = run_study(load_study(path, ["cells.mae.overrides=[batch_size=16]"]))
+    assert changed["steps"]["cell:mae"] == "reran" and changed["steps"]["probe:mae:knn"] == "reran"
+    assert changed["steps"]["cell:clustermim"] == "skipped"
+    # an interrupted cell (no metrics.json yet) resumes from its checkpoint
+    (root / "cells" / "clustermim" / "metrics.json").unlink()
+    resumed = run_study(load_study(path, ["cells.mae.overrides=[batch_size=16]"]))
+    assert resumed["steps"]["cell:clustermim"] == "resumed" and resumed["steps"]["probe:clustermim:knn"] == "reran"
