@@ -116,9 +116,10 @@ def test_teacher_is_outside_the_optimizer_and_inside_the_checkpoint(cfg_factory,
 
 
 def short_run(tmp_path, name, *args):
-    return train(pretrain_config([], ["data.name=digits", "data.limit=256", "batch_size=32", "epochs=3",
+    return train(pretrain_config([], ["data.name=digits", "data.limit=192", "batch_size=32", "epochs=3",
                                       "model.depth=2", "model.embed_dim=64", "optim.warmup_epochs=1",
-                                      "probe.enabled=false", f"output_dir={tmp_path / name}", *args]))
+                                      "optim.blr=4e-3", "probe.enabled=false", f"output_dir={tmp_path / name}",
+                                      *args]))
 
 
 # a collapsed target has a per-dimension std near 0; LayerNorm'd targets of a random teacher start near 0.3
@@ -150,16 +151,16 @@ def test_ijepa_digits_run_learns_without_collapse(tmp_path):
     # `mimkit probe` takes either; their features are cached apart
     for which in ("student", "ema"):
         assert main(["probe", "knn", "--checkpoint", str(tmp_path / "jepa" / "checkpoints" / "last.pt"),
-                     "data.limit=256", f"encoder={which}", f"output_dir={tmp_path / which}"]) == 0
+                     "data.limit=128", f"encoder={which}", f"output_dir={tmp_path / which}"]) == 0
     knn = [json.loads((tmp_path / w / "metrics.json").read_text()) for w in ("student", "ema")]
     # different weights, different features: equal accuracies at every k would mean the cache mixed them up
     assert knn[0]["pretrained"] != knn[1]["pretrained"]
 
 
-@pytest.mark.parametrize("args", [D2V, JEPA], ids=["data2vec2", "ijepa"])
-def test_resume_with_the_ema_teacher_is_bitwise_exact(tmp_path, monkeypatch, args):
-    common = ["pretrain", "data.name=synthetic", "epochs=3", "data.synthetic_size=64", "batch_size=16",
-              "deterministic=true", "model.drop_path=0.1", "probe.enabled=false", *args]
+def test_resume_with_the_ema_teacher_is_bitwise_exact(tmp_path, monkeypatch):
+    # data2vec2: the teacher, its momentum, the clones and the decoder's noise (the generators' states)
+    common = ["pretrain", "data.name=synthetic", "epochs=3", "data.synthetic_size=48", "batch_size=16",
+              "deterministic=true", "model.drop_path=0.1", "probe.enabled=false", *D2V]
     assert main([*common, f"output_dir={tmp_path / 'a'}"]) == 0
     die_after_first_checkpoint(monkeypatch)
     assert main([*common, f"output_dir={tmp_path / 'b'}"]) == 130
@@ -193,7 +194,7 @@ from mimkit.methods import pretrain_config
 base, common = sys.argv[1], sys.argv[2:]
 dist.cleanup = lambda: None  # one process group for both runs
 engine.train(pretrain_config([], [*common, f"output_dir={base}/d2v", *{d2v}, "data2vec2.cls_loss=0.02"]))
-engine.train(pretrain_config([], [*common, f"output_dir={base}/jepa", *{jepa}]))
+engine.train(pretrain_config([], [*common, f"output_dir={base}/jepa", *{jepa}, "epochs=1"]))
 # I-JEPA trims each rank's blocks to its own batch (as the official collator), so it is not equal to one process;
 # what must hold is one teacher on every rank
 model = engine.build_method(pretrain_config([], [*common, f"output_dir={base}/jepa", *{jepa}]))
