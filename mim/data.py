@@ -223,20 +223,20 @@ def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 # Transforms
 
 
-def crop_params(height: int, width: int, scale: tuple[float, float],
-                log_ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+def crop_params(height: int, width: int, scale: tuple[float, float], log_ratio: tuple[float, float],
+                generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop: torchvision's RandomResizedCrop.get_params (v1 and v2) step for step,
-    the same draws from the global generator and the same result, without its per-call set-up (a tenth of the
-    pretraining transform's time). log_ratio: the float32 logs of the aspect-ratio bounds, as torchvision's."""
+    the same draws (from `generator`, else the global generator as torchvision) and the same result, without its
+    per-call set-up. log_ratio: the float32 logs of the aspect-ratio bounds, as torchvision's."""
     area = height * width
     for _ in range(10):
-        target_area = area * torch.empty(1).uniform_(scale[0], scale[1]).item()
-        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1])).item()
+        target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
+        aspect_ratio = torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)).item()
         w = int(round(math.sqrt(target_area * aspect_ratio)))
         h = int(round(math.sqrt(target_area / aspect_ratio)))
         if 0 < w <= width and 0 < h <= height:
-            i = torch.randint(0, height - h + 1, size=(1,)).item()
-            j = torch.randint(0, width - w + 1, size=(1,)).item()
+            i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
+            j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
             return i, j, h, w
     lo, hi = math.exp(log_ratio[0]), math.exp(log_ratio[1])  # fallback: the whole image at a clamped ratio
     ratio = width / height
@@ -249,7 +249,8 @@ class PretrainTransform:
     """RandomResizedCrop (bicubic, antialiased, aspect ratio 3/4-4/3), horizontal flip, normalize: MAE's pipeline.
 
     The crop and the flip draw exactly what torchvision's RandomResizedCrop and RandomHorizontalFlip draw (v1 and
-    v2) from the global generator, so a sample seeded alike gets the same crop as in MAE's code. uint8 images
+    v2), from the generator given (else the global one), so a sample seeded alike gets the same crop as in MAE's
+    code. uint8 images
     (folders) are cropped and resized as uint8 (torch's vectorized antialiased kernel, close to Pillow's) and
     converted and normalized in one pass; float images (in memory) take torchvision's float ops as before."""
 
@@ -260,12 +261,12 @@ class PretrainTransform:
         self.shift = torch.tensor(mean).view(-1, 1, 1) * 255
         self.factor = 1 / (torch.tensor(std).view(-1, 1, 1) * 255)
 
-    def __call__(self, img: torch.Tensor | Image.Image) -> torch.Tensor:
+    def __call__(self, img: torch.Tensor | Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
         """img [C, H, W] (uint8 or float in [0, 1]) or a PIL image -> normalized float32 [C, size, size]."""
         if isinstance(img, Image.Image):
             img = TF.pil_to_tensor(img.convert("RGB"))
         img = img.as_subclass(torch.Tensor)
-        i, j, h, w = crop_params(img.shape[-2], img.shape[-1], self.scale, self.log_ratio)
+        i, j, h, w = crop_params(img.shape[-2], img.shape[-1], self.scale, self.log_ratio, generator)
         if img.dtype == torch.uint8:
             # The crop copied pixel-interleaved (channels_last, as the decoder lays out its pixels): torch's uint8
             # antialiased kernels are fastest on it, with the same output as on planar pixels.
@@ -275,10 +276,10 @@ class PretrainTransform:
         else:
             img = TF.resized_crop(img, i, j, h, w, [self.size, self.size],
                                   interpolation=T.InterpolationMode.BICUBIC, antialias=True)
-        if self.hflip and torch.rand(1) < 0.5:
+        if self.hflip and torch.rand(1, generator=generator) < 0.5:
             img = img.flip(-1)  # what torchvision's horizontal_flip does to a tensor
-        if img.dtype == torch.uint8:  # planar again while 1 byte a value, then float and normalized in place
-            return img.contiguous().to(torch.float32).sub_(self.shift).mul_(self.factor)
+        if img.dtype == torch.uint8:  # planar float in one pass over the channels_last pixels, normalized in place
+            return torch.empty(img.shape).copy_(img).sub_(self.shift).mul_(self.factor)
         return TF.normalize(img, self.mean, self.std)
 
 
@@ -356,9 +357,12 @@ class MaskedImages(Dataset):
         epoch, index = key
         s = sample_seed(self.seed, epoch, index)
         img, label, replaced = self._load(index)
-        with torch.random.fork_rng(devices=[]):  # torchvision transforms draw from the global generator
-            torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also seeds CUDA, 30x slower
-            img = self.transform(img)
+        if isinstance(self.transform, PretrainTransform):  # draws from a generator seeded alike, as fast
+            img = self.transform(img, torch.Generator().manual_seed(s))
+        else:
+            with torch.random.fork_rng(devices=[]):  # torchvision transforms draw from the global generator
+                torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also seeds CUDA, 30x slower
+                img = self.transform(img)
         mask = self.mask_gen(torch.Generator().manual_seed(s ^ 0x5DEECE66D))
         return img, mask, label, replaced
 

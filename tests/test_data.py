@@ -196,3 +196,21 @@ def test_crop_params_are_torchvisions_get_params():
         fallbacks += ref in ((0, (w - int(round(h * 4 / 3))) // 2, h, int(round(h * 4 / 3))),
                              ((h - int(round(w * 4 / 3))) // 2, 0, int(round(w * 4 / 3)), w))
     assert fallbacks >= 30  # the 10 x 300 and 300 x 10 images: the fallback path was compared too
+
+
+def test_masked_images_draw_the_transform_from_the_samples_seed_and_leave_the_global_generator():
+    """A PretrainTransform gets its own generator seeded with the sample's seed: the same images as seeding the
+    global generator (what every other transform gets), and the global stream does not move."""
+    from mimkit.data import sample_seed
+    cfg = DataConfig(name="synthetic", img_size=16, synthetic_size=64, crop_scale=(0.2, 1.0))
+    base, tf = build_dataset(cfg, "train"), pretrain_transform(cfg)
+    ds = MaskedImages(base, tf, RandomMask(4, 0.5), seed=7)
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    for i in range(20):
+        img = ds[(2, i)][0]
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(sample_seed(7, 2, i))
+            assert torch.equal(img, tf(base[i][0])), i
+    assert torch.equal(torch.rand(3), expected_next)
