@@ -2,8 +2,9 @@
 
 `mimkit analyze tokens` labels every patch with its image's class, streams a labeled dataset through one or
 more tokenizers and reports, per tokenizer: codebook usage and perplexity, per-token class entropy, TCAS
-(DESIGN.md: M[c, s] = share of class-c patches assigned token s; TCAS = sum_{c != c'} (M M^T)_{cc'} /
-sum_c (M M^T)_{cc}; 0 when no token is shared across classes, C - 1 for a tokenizer blind to class), purity,
+(ClusterMIM; mimkit's definition: M[c, s] = share of class-c patches assigned token s;
+TCAS = sum_{c != c'} (M M^T)_{cc'} / sum_c (M M^T)_{cc}; 0 when no token is shared across classes, C - 1 for a
+tokenizer blind to class), purity,
 and scikit-learn's NMI / AMI / homogeneity / completeness / V-measure between patch tokens and image labels.
 `mimkit analyze predictions` measures how often a pretrained beit / beitv2 / clustermim model predicts the
 tokenizer's id of a masked patch, per class and overall.
@@ -130,7 +131,7 @@ def load_tokenizer(path: str) -> Tokenizer:
 
 
 def tcas(counts: np.ndarray) -> float:
-    """Token-class alignment similarity of counts [C, V] (DESIGN.md); classes without patches are left out."""
+    """Token-class alignment similarity of counts [C, V] (module docstring); classes without patches are left out."""
     counts = counts[counts.sum(1) > 0].astype(np.float64)
     m = counts / counts.sum(1, keepdims=True)
     g = m @ m.T

@@ -125,7 +125,8 @@ def cell_steps(study: dict, root: Path) -> list[Step]:
         extra, needs = [f"method={cell['method']}"], []
         if cell.get("teacher"):
             teacher = _reference(cell["teacher"], cells, "the cell", f"cells.{name}.teacher")
-            extra.append(f"target.teacher.name=mimkit:{root / 'cells' / teacher / 'checkpoints' / 'last.pt'}")
+            extra += [f"target.teacher.name=mimkit:{root / 'cells' / teacher / 'checkpoints' / 'last.pt'}",
+                      "target.teacher.weights="]
             needs.append(f"cell:{teacher}")
         if cell.get("tokenizer"):
             tok = _reference(cell["tokenizer"], tokenizers, "the tokenizer", f"cells.{name}.tokenizer")
@@ -149,7 +150,7 @@ def tokenizer_steps(study: dict, root: Path) -> list[Step]:
         needs = []
         if tok.get("teacher"):
             teacher = _reference(tok["teacher"], cells, "the cell", f"tokenizers.{name}.teacher")
-            extra.append(f"teacher.name=mimkit:{root / 'cells' / teacher / 'checkpoints' / 'last.pt'}")
+            extra += [f"teacher.name=mimkit:{root / 'cells' / teacher / 'checkpoints' / 'last.pt'}", "teacher.weights="]
             needs.append(f"cell:{teacher}")
         patch = _mapping(study.get("model"), "model").get("patch_size")
         extra += [f"patch_size={patch}"] if patch else []
@@ -203,6 +204,17 @@ def plan(study: dict) -> list[Step]:
         steps.append(Step("analyze:tokens", "analyze", root / "analyze_tokens", [], data,
                           [f"tokenizer:{n}" for n in study["tokenizers"]]))
     return steps
+
+
+def check_configs(steps: list[Step]) -> None:
+    """Build every cell's and tokenizer's config (keys, types, choices), so that a mistake in any of them is
+    one error before the first step runs; the files they will read are checked when they start."""
+    for step in steps:
+        if step.kind in ("pretrain", "tokenizer"):
+            try:
+                BUILDERS[step.kind](step)
+            except ConfigError as e:
+                raise ConfigError(f"{step.name}: {e}") from None
 
 
 def changed_keys(out: Path, cfg) -> list[str] | None:
@@ -291,6 +303,7 @@ def execute(step: Step, stale: bool, log: Callable[[str], None]) -> str:
 def run_study(study: dict, log: Callable[[str], None] = print) -> dict:
     """Run (or skip, or resume) every step in order, then write study.json, study.md and the figures."""
     steps, fresh, status = plan(study), set(), {}
+    check_configs(steps)
     for step in steps:
         status[step.name] = execute(step, any(n in fresh for n in step.needs), log)
         if status[step.name] != "skipped":
@@ -313,6 +326,7 @@ def describe(steps: list[Step]) -> str:
 def cmd_study(args) -> int:
     study = load_study(args.config, args.overrides)
     steps = plan(study)
+    check_configs(steps)
     if args.dry_run:
         print(describe(steps))
         print(f"{sum(s.kind == 'pretrain' for s in steps)} cells, {sum(s.kind == 'tokenizer' for s in steps)} "

@@ -42,6 +42,8 @@ def test_plan_orders_teacher_tokenizer_cell_probes_and_analysis(tmp_path):
     ({"cells": {"a": {"method": "mae", "tokeniser": "x"}}}, ["tokeniser", "tokenizer"]),
     ({"cells": {}}, ["no cells"]),
     ({"cells": {"a": {"method": "mae"}}, "probes": ["svm"]}, ["svm", "linear"]),
+    ({"cells": {"a": {"method": "mae", "overrides": ["optim.bllr=1"]}}}, ["cell:a", "optim.bllr"]),
+    ({"cells": {"a": {"method": "mea"}}}, ["cell:a", "mea", "did you mean mae"]),
 ])
 def test_bad_study_files_are_one_line_errors_before_anything_runs(tmp_path, capsys, study, words):
     path = write(tmp_path, study)
