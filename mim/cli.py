@@ -18,7 +18,7 @@ from .targets import TARGETS
 
 # Modules that contribute sub-commands through `add_commands(subparsers)`.
 COMMAND_MODULES: list[str] = ["mimkit.probes.cli", "mimkit.tokenizers.cli", "mimkit.submit", "mimkit.probes.analyze_cli",
-                              "mimkit.probes.study"]
+                              "mimkit.study_cli"]
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -63,9 +63,12 @@ class Job(submitit.helpers.Checkpointable):
 
     def requeue_overrides(self) -> dict[str, str]:
         """pretrain and tokenizer training continue from the run's last.pt (none yet: start as the first
-        attempt did); a probe keeps no checkpoint, so it starts over in its own directory."""
+        attempt did); a probe keeps no checkpoint, so it starts over in its own directory; a study step decides
+        for itself."""
         if self.head[0] == "probe":
             return {"overwrite": "true"}
+        if self.head[0] == "study":  # a study step resumes or reruns itself
+            return {}
         last = Path(self.output_dir) / "checkpoints" / "last.pt"
         return {"overwrite": "false", **({"resume": "auto"} if last.exists() else {})}
 

@@ -18,7 +18,6 @@ from scratch.
 """
 from __future__ import annotations
 
-import argparse
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -279,20 +278,39 @@ BUILDERS = {"pretrain": build_pretrain, "tokenizer": build_tokenizer, "probe": b
 RUNNERS = {"pretrain": run_pretrain, "tokenizer": run_tokenizer, "probe": run_probe_step, "analyze": run_analyze}
 
 
+def inputs_newer(step: Step, by_name: dict[str, Step]) -> bool:
+    """Whether a step this one needs finished after it did (it ran again since, e.g. in another job)."""
+    own = step.out / "metrics.json"
+    if not own.is_file():
+        return False
+    mtimes = [(by_name[n].out / "metrics.json").stat().st_mtime for n in step.needs
+              if (by_name[n].out / "metrics.json").is_file()]
+    return any(t > own.stat().st_mtime for t in mtimes)
+
+
+def decide(step: Step, stale: bool) -> tuple[str, list[str]]:
+    """What to do with a step: ran (new), resumed (interrupted with this config), skipped (finished with this
+    config and nothing it needs ran again) or reran (its config changed, or `stale`); and the changed keys."""
+    if not (step.out / "config.yaml").is_file():
+        return "ran", []
+    if stale:
+        return "reran", []
+    changed = changed_keys(step.out, BUILDERS[step.kind](step)[0])
+    if changed:
+        return "reran", changed
+    return ("skipped" if (step.out / "metrics.json").is_file() else "resumed"), []
+
+
 def execute(step: Step, stale: bool, log: Callable[[str], None]) -> str:
-    """Skip the step (finished with this config and nothing it needs ran again), resume it (interrupted with
-    this config), or run it afresh (new, its config changed, or `stale`: something it needs ran in this
-    invocation); returns skipped | resumed | ran | reran."""
-    built = BUILDERS[step.kind](step)
-    changed, finished = changed_keys(step.out, built[0]), (step.out / "metrics.json").is_file()
-    if changed == [] and finished and not stale:
+    """Run, resume, rerun or skip the step (see `decide`); returns which."""
+    action, changed = decide(step, stale)
+    if action == "skipped":
         log(f"{step.name}: done, skipped ({step.out})")
-        return "skipped"
-    action = "ran" if changed is None else "resumed" if changed == [] and not finished else "reran"
+        return action
     if action == "reran":
         log(f"{step.name}: {'config changed (' + ', '.join(changed) + ')' if changed else 'an input ran again'}; "
             f"running it again")
-        built = BUILDERS[step.kind](step, overwrite=True)
+    built = BUILDERS[step.kind](step, overwrite=action == "reran")
     t0 = time.perf_counter()
     log(f"{step.name}: {'resuming' if action == 'resumed' else 'running'} -> {step.out}")
     RUNNERS[step.kind](built)
@@ -300,12 +318,16 @@ def execute(step: Step, stale: bool, log: Callable[[str], None]) -> str:
     return action
 
 
-def run_study(study: dict, log: Callable[[str], None] = print) -> dict:
-    """Run (or skip, or resume) every step in order, then write study.json, study.md and the figures."""
+def run_study(study: dict, log: Callable[[str], None] = print, only: str = "") -> dict:
+    """Run (or skip, or resume) every step in order, or only the step named `only` (a job of a submitted
+    study), then write study.json, study.md and the figures."""
     steps, fresh, status = plan(study), set(), {}
     check_configs(steps)
-    for step in steps:
-        status[step.name] = execute(step, any(n in fresh for n in step.needs), log)
+    by_name = {s.name: s for s in steps}
+    if only and only not in by_name:
+        raise ConfigError(f"--only {only!r} is not a step of this study; steps: {', '.join(by_name)}")
+    for step in steps if not only else [by_name[only]]:
+        status[step.name] = execute(step, any(n in fresh for n in step.needs) or inputs_newer(step, by_name), log)
         if status[step.name] != "skipped":
             fresh.add(step.name)
     from .study_report import write_report
@@ -321,30 +343,3 @@ def describe(steps: list[Step]) -> str:
         if s.kind in ("pretrain", "tokenizer"):
             lines.append(f"       {' '.join([*(f'--config {f}' for f in s.files), *s.overrides])}")
     return "\n".join(lines)
-
-
-def cmd_study(args) -> int:
-    study = load_study(args.config, args.overrides)
-    steps = plan(study)
-    check_configs(steps)
-    if args.dry_run:
-        print(describe(steps))
-        print(f"{sum(s.kind == 'pretrain' for s in steps)} cells, {sum(s.kind == 'tokenizer' for s in steps)} "
-              f"tokenizers, {sum(s.kind == 'probe' for s in steps)} probes; nothing was run (--dry-run)")
-        return 0
-    report = run_study(study)
-    best = report["rows"][0] if report["rows"] else {}
-    print(f"study: {len(report['rows'])} cells; best {best.get('cell')} -> "
-          f"{Path(study.get('output_dir') or 'runs/study') / 'study.md'}")
-    return 0
-
-
-def add_commands(sub) -> None:
-    p = sub.add_parser("study", help="every target at one budget: cells, tokenizers, probes, one table",
-                       formatter_class=argparse.RawDescriptionHelpFormatter,
-                       epilog="examples:\n  mimkit study --config configs/study/digits.yaml --dry-run\n"
-                              "  mimkit study --config configs/study/digits.yaml budget.epochs=10")
-    p.add_argument("--config", required=True, metavar="STUDY.yaml", help="the study file (configs/study/*.yaml)")
-    p.add_argument("--dry-run", action="store_true", help="print the plan (steps, order, commands); run nothing")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides of the study file")
-    p.set_defaults(func=cmd_study)

@@ -8,7 +8,7 @@ import pytest
 from conftest import REPO
 
 FOLDERS = {"mim": "mimkit", "tokenizers": "mimkit.tokenizers", "probes": "mimkit.probes"}
-CLI_LAYER = {"mimkit.cli", "mimkit.submit"}  # the command line: may reach every command, probes included
+CLI_LAYER = {"mimkit.cli", "mimkit.submit", "mimkit.study_cli"}  # the command line: may reach every command, probes included
 
 
 def modules() -> dict[str, Path]:

@@ -93,3 +93,28 @@ def test_tiny_study_runs_skips_reruns_and_resumes(tmp_path):
     (root / "cells" / "clustermim" / "metrics.json").unlink()
     resumed = run_study(load_study(path, ["cells.mae.overrides=[batch_size=16]"]))
     assert resumed["steps"]["cell:clustermim"] == "resumed" and resumed["steps"]["probe:clustermim:knn"] == "reran"
+
+
+def test_submitted_study_chains_its_steps_by_dependencies(tmp_path):
+    from mimkit.study_cli import dependency
+    steps = {s.name: s for s in plan(load_study(write(tmp_path, TINY)))}
+    ids = {"cell:mae": "11", "tokenizer:km": "12"}
+    assert dependency(steps["probe:mae:knn"], ids) == "afterok:11"
+    assert dependency(steps["cell:clustermim"], ids) == "afterok:12"
+    assert dependency(steps["cell:mae"], ids) == "" and dependency(steps["analyze:tokens"], {}) == ""
+
+
+@pytest.mark.slow
+def test_local_executor_runs_every_step_as_a_job(tmp_path):
+    study = {"data": TINY["data"], "budget": TINY["budget"], "overrides": TINY["overrides"], "probes": ["knn"],
+             "cells": {"mae": {"method": "mae"}}}
+    path = write(tmp_path, study)
+    assert main(["study", "--config", path, "--executor", "local", "--gpus-per-node", "0", "--wait"]) == 0
+    jobs = json.loads((tmp_path / "study" / "jobs.json").read_text())
+    assert [j["step"] for j in jobs] == ["cell:mae", "probe:mae:knn"]
+    assert jobs[1]["dependency"] == f"afterok:{jobs[0]['job_id']}" and "--only probe:mae:knn" in jobs[1]["command"]
+    assert (tmp_path / "study" / "cells" / "mae" / "probe_knn" / "metrics.json").is_file()
+    assert (tmp_path / "study" / "study.md").is_file()
+    # submitted again: everything is done, nothing is submitted
+    assert main(["study", "--config", path, "--executor", "local", "--gpus-per-node", "0", "--wait"]) == 0
+    assert json.loads((tmp_path / "study" / "jobs.json").read_text()) == []
