@@ -83,6 +83,6 @@ def test_loader_benchmark_compares_with_maes_pipeline(tmp_path, monkeypatch):
     monkeypatch.setenv("MIMKIT_BENCH_RESULTS", str(tmp_path))
     main(["loader", "--preset", "tiny", "--repeats", "1"])
     r = json.loads((tmp_path / "loader.json").read_text())
-    assert set(r["per_core"]["images_per_s"]) == {"mae", "mimkit", "mimkit_before"}
+    assert set(r["per_core"]["images_per_s"]) == {"mae", "mimkit", "mimkit_before", "mimkit_without_mask"}
     assert r["closeness"]["within_tolerance"], r["closeness"]
     assert r["machine"]["cpu"]["model"]
