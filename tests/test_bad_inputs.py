@@ -32,6 +32,10 @@ def ws(tmp_path_factory):
     tok.centroids.copy_(torch.randn(8, 48, generator=torch.Generator().manual_seed(0)))
     tok.save(root / "tok.pt")
     torch.save({"model": {}}, root / "teacher.pth")  # a "teacher" weights file with no weights in it
+    study = f"output_dir: {root / 'study'}\ndata: {{name: synthetic}}\n"
+    (root / "study_ok.yaml").write_text(study + "cells: {a: {method: mae}}\n")
+    (root / "study_bad_ref.yaml").write_text(study + "cells: {a: {method: mae}, b: {method: beit, tokenizer: vq}}\n")
+    (root / "study_bad_key.yaml").write_text(study + "cells: {a: {method: mae, overrides: [optim.bllr=1]}}\n")
     return root
 
 
@@ -129,6 +133,24 @@ CASES = [
     ("teacher checkpoint missing", ["tokenizer", "train", "kind=vqkd", "data.name=digits",
                                     "teacher.name=mimkit:{ws}/none.pt", "output_dir={ws}/t4"], ["none.pt"]),
     ("tokenizer info on a checkpoint", ["tokenizer", "info", "{ws}/run/checkpoints/last.pt"], ["last.pt", "tokenizer"]),
+    ("fsq vocabulary against its levels", ["tokenizer", "train", "kind=fsq", "vocab_size=512", "fsq.levels=[8,8,4]"],
+     ["vocab_size=512", "fsq.levels=[8, 8, 4]", "256 codes"]),
+    ("fsq level below 2", ["tokenizer", "train", "kind=fsq", "fsq.levels=[8,1]", "fsq.objective=pixels"],
+     ["fsq.levels"]),
+    ("lfq without a teacher", ["tokenizer", "train", "kind=lfq", "data.name=digits"],
+     ["teacher.name", "lfq.objective=pixels"]),
+    ("lfq entropy groups too wide", ["tokenizer", "train", "kind=lfq", "lfq.dim=20", "lfq.entropy_groups=1"],
+     ["lfq.entropy_groups=1", "20 bits"]),
+    ("peco layer beyond the teacher", ["tokenizer", "train", "kind=peco", "data.name=digits", "peco.input_size=8",
+                                       "peco.groups=2", "teacher.name=mimkit:{ws}/run/checkpoints/last.pt",
+                                       "peco.layers=[9]", "output_dir={ws}/t5"], ["teacher.layer=9"]),
+    # studies
+    ("study refers to an undefined tokenizer", ["study", "--config", "{ws}/study_bad_ref.yaml"],
+     ["cells.b.tokenizer", "'vq'"]),
+    ("study cell with a misspelled key", ["study", "--config", "{ws}/study_bad_key.yaml"],
+     ["cell:a", "optim.bllr"]),
+    ("study only an unknown step", ["study", "--config", "{ws}/study_ok.yaml", "--only", "cell:zz"],
+     ["--only", "cell:zz", "cell:a"]),
     # probes, export and analysis
     ("probe without checkpoint file", ["probe", "knn", "--checkpoint", "{ws}/none.pt"], ["none.pt"]),
     ("probe on a foreign file", ["probe", "linear", "--checkpoint", "{ws}/foreign.pt"], ["foreign.pt", "not a mimkit"]),
