@@ -1,12 +1,13 @@
 """Datasets, transforms and loaders.
 
-Every dataset yields (image, label) with images as uint8 tensors [3, H, W] (folders, decoded by libjpeg-turbo
-through torchvision.io) or float tensors in [0, 1] (in memory); transforms bring them to normalized tensors. Pretraining samples are drawn through `EpochSampler`, which hands the dataset
-(epoch, index) keys so each sample's augmentation and mask come from a generator seeded by
+Every dataset yields (image, label) with images as uint8 tensors [3, H, W] (folders, decoded through
+torchvision.io) or float tensors in [0, 1] (in memory); transforms bring them to normalized tensors. Pretraining
+samples are drawn through `EpochSampler`, which hands the dataset (epoch, index) keys so each sample's augmentation and mask come from a generator seeded by
 (run seed, epoch, index): a run is reproducible whatever the world size or the number of loader workers.
 """
 from __future__ import annotations
 
+import functools
 import math
 import os
 import warnings
@@ -223,11 +224,17 @@ def dataset_stats(name: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
 # Transforms
 
 
-def crop_params(height: int, width: int, scale: tuple[float, float], log_ratio: tuple[float, float],
+@functools.lru_cache
+def _log_ratio(ratio: tuple[float, float]) -> tuple[float, float]:
+    return tuple(torch.log(torch.tensor(ratio)).tolist())  # float32 logs, as torchvision computes them
+
+
+def crop_params(height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float] = (3 / 4, 4 / 3),
                 generator: torch.Generator | None = None) -> tuple[int, int, int, int]:
     """(top, left, h, w) of a random crop: torchvision's RandomResizedCrop.get_params (v1 and v2) step for step,
     the same draws (from `generator`, else the global generator as torchvision) and the same result, without its
-    per-call set-up. log_ratio: the float32 logs of the aspect-ratio bounds, as torchvision's."""
+    per-call set-up (the ratio's logs are computed once)."""
+    log_ratio = _log_ratio(tuple(ratio))
     area = height * width
     for _ in range(10):
         target_area = area * torch.empty(1).uniform_(scale[0], scale[1], generator=generator).item()
@@ -238,10 +245,9 @@ def crop_params(height: int, width: int, scale: tuple[float, float], log_ratio: 
             i = torch.randint(0, height - h + 1, size=(1,), generator=generator).item()
             j = torch.randint(0, width - w + 1, size=(1,), generator=generator).item()
             return i, j, h, w
-    lo, hi = math.exp(log_ratio[0]), math.exp(log_ratio[1])  # fallback: the whole image at a clamped ratio
-    ratio = width / height
-    w, h = (width, int(round(width / lo))) if ratio < lo else (int(round(height * hi)), height) if ratio > hi \
-        else (width, height)
+    lo, hi = min(ratio), max(ratio)  # fallback: the centre at the image's ratio, clamped to [lo, hi]
+    w, h = (width, int(round(width / lo))) if width / height < lo else \
+        (int(round(height * hi)), height) if width / height > hi else (width, height)
     return (height - h) // 2, (width - w) // 2, h, w
 
 
@@ -250,13 +256,12 @@ class PretrainTransform:
 
     The crop and the flip draw exactly what torchvision's RandomResizedCrop and RandomHorizontalFlip draw (v1 and
     v2), from the generator given (else the global one), so a sample seeded alike gets the same crop as in MAE's
-    code. uint8 images
-    (folders) are cropped and resized as uint8 (torch's vectorized antialiased kernel, close to Pillow's) and
-    converted and normalized in one pass; float images (in memory) take torchvision's float ops as before."""
+    code. uint8 images (folders) are cropped and resized as uint8 (torch's vectorized antialiased kernel, within
+    2 levels of Pillow's), then made planar float in one copy and normalized in place; float images (in memory)
+    take torchvision's float ops, as before."""
 
     def __init__(self, size: int, scale: tuple[float, float], hflip: bool, mean, std):
         self.size, self.scale, self.hflip = size, tuple(scale), hflip
-        self.log_ratio = tuple(torch.log(torch.tensor((3 / 4, 4 / 3))).tolist())
         self.mean, self.std = list(mean), list(std)
         self.shift = torch.tensor(mean).view(-1, 1, 1) * 255
         self.factor = 1 / (torch.tensor(std).view(-1, 1, 1) * 255)
@@ -266,7 +271,7 @@ class PretrainTransform:
         if isinstance(img, Image.Image):
             img = TF.pil_to_tensor(img.convert("RGB"))
         img = img.as_subclass(torch.Tensor)
-        i, j, h, w = crop_params(img.shape[-2], img.shape[-1], self.scale, self.log_ratio, generator)
+        i, j, h, w = crop_params(img.shape[-2], img.shape[-1], self.scale, generator=generator)
         if img.dtype == torch.uint8:
             # The crop copied pixel-interleaved (channels_last, as the decoder lays out its pixels): torch's uint8
             # antialiased kernels are fastest on it, with the same output as on planar pixels.
@@ -357,7 +362,9 @@ class MaskedImages(Dataset):
         epoch, index = key
         s = sample_seed(self.seed, epoch, index)
         img, label, replaced = self._load(index)
-        if isinstance(self.transform, PretrainTransform):  # draws from a generator seeded alike, as fast
+        # A PretrainTransform takes a generator seeded alike: the same draws as from the global generator, without
+        # saving and restoring its state.
+        if isinstance(self.transform, PretrainTransform):
             img = self.transform(img, torch.Generator().manual_seed(s))
         else:
             with torch.random.fork_rng(devices=[]):  # torchvision transforms draw from the global generator
