@@ -16,7 +16,9 @@ from . import common
 from .common import results_dir, write_result
 
 ENTRIES = ["step", "peer", "machine", "hog", "kmeans", "e2e", "loader"]
-ON_REQUEST = ["gpu"]  # the one-shot check for a CUDA machine (benchmarks/gpu.py): run by name only
+# run by name only: the one-shot check for a CUDA machine (benchmarks/gpu.py); the hour-long training of
+# mimkit's and lightly's MAE side by side (benchmarks/quality.py)
+ON_REQUEST = ["gpu", "quality"]
 
 
 def headlines(name: str, r: dict) -> list[tuple[str, str, str]]:
@@ -67,6 +69,12 @@ def headlines(name: str, r: dict) -> list[tuple[str, str, str]]:
                  f">= {pc['goal']:.0f}x"),
                 ("loader vs MAE, 8-bit levels (mean, max)", f"{cl['mean_levels']:.3f}, {cl['max_levels']:.0f}",
                  f"<= {cl['tolerance_levels']['mean']}, {cl['tolerance_levels']['max']:.0f}")]
+    if name == "quality":
+        f = r["final_knn"]
+        return [("k-NN cls/mean after training, mimkit", f"{f['mimkit']['cls']:.1f} / {f['mimkit']['mean']:.1f}",
+                 ">= lightly's"), ("k-NN cls/mean after training, lightly",
+                                   f"{f['lightly']['cls']:.1f} / {f['lightly']['mean']:.1f}", ""),
+                ("wall time lightly / mimkit", f"{r['wall_time_ratio_lightly_over_mimkit']:.2f}x", "> 1x")]
     if name == "gpu":
         return [(f"gpu check: {part}", p["status"], "ok") for part, p in r["parts"].items()] or [
             ("gpu check", r.get("error", "nothing ran"), "")]
