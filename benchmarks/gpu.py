@@ -337,6 +337,6 @@ def markdown(r: dict) -> str:
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dry-run", action="store_true", help="gpu: the same code path on the CPU, tiny and fast")
+    p.add_argument("--dry-run", action="store_true", help="gpu, quality: the same code path, tiny and fast")
     p.add_argument("--out", default=None, help="gpu: folder for gpu.json and gpu.md (default $OUT, else "
                    "benchmarks/results/gpu)")
