@@ -118,3 +118,19 @@ def test_local_executor_runs_every_step_as_a_job(tmp_path):
     # submitted again: everything is done, nothing is submitted
     assert main(["study", "--config", path, "--executor", "local", "--gpus-per-node", "0", "--wait"]) == 0
     assert json.loads((tmp_path / "study" / "jobs.json").read_text()) == []
+
+
+@pytest.mark.slow
+def test_a_two_cell_slice_of_the_digits_study(tmp_path):
+    """The shipped digits study, cut to MAE and ClusterMIM (pixel k-means) at 1 epoch: its tokenizer, cells,
+    probes and analysis run as configured."""
+    study = load_study("configs/study/digits.yaml", [f"output_dir={tmp_path / 'study'}", "budget.epochs=1"])
+    study["cells"] = {k: study["cells"][k] for k in ("mae", "clustermim")}
+    study["tokenizers"] = {"kmeans_pixels": study["tokenizers"]["kmeans_pixels"]}
+    report = run_study(study)
+    assert set(report["steps"]) == {"cell:mae", "probe:mae:knn", "probe:mae:linear", "tokenizer:kmeans_pixels",
+                                    "cell:clustermim", "probe:clustermim:knn", "probe:clustermim:linear",
+                                    "analyze:tokens"}
+    rows = {r["cell"]: r for r in report["rows"]}
+    assert all(r["knn"] > 10 and r["linear"] > 10 for r in rows.values())  # above chance over 10 digits
+    assert rows["clustermim"]["usage"] > 0.5 and 0 <= rows["clustermim"]["tcas_norm"] <= 1
