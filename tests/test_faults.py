@@ -43,9 +43,10 @@ ARGS = ["data.name=synthetic", "epochs=6", "ckpt.every=1", "deterministic=true",
         "data.synthetic_size=256"]
 
 
-def run(driver: Path, out: Path, env_extra=None, kill_after: float | None = None) -> int:
+def run(driver: Path, out: Path, env_extra=None, kill_after: float | None = None, extra_args=()) -> int:
+    """`extra_args` override ARGS (tests/test_latent_targets.py kills an EMA-teacher run this way)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", **(env_extra or {})}
-    p = subprocess.Popen([sys.executable, str(driver), *ARGS, f"output_dir={out}"], env=env,
+    p = subprocess.Popen([sys.executable, str(driver), *ARGS, *extra_args, f"output_dir={out}"], env=env,
                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     if kill_after is None:
         _, err = p.communicate(timeout=300)

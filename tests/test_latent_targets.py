@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, die_after_first_checkpoint
+from conftest import REPO
 from mimkit.checkpoint import load
 from mimkit.cli import main
 from mimkit.encoders import load_encoder
@@ -157,16 +157,21 @@ def test_ijepa_digits_run_learns_without_collapse(tmp_path):
     assert knn[0]["pretrained"] != knn[1]["pretrained"]
 
 
-def test_resume_with_the_ema_teacher_is_bitwise_exact(tmp_path, monkeypatch):
-    # data2vec2: the teacher, its momentum, the clones and the decoder's noise (the generators' states)
-    common = ["pretrain", "data.name=synthetic", "epochs=3", "data.synthetic_size=48", "batch_size=16",
-              "deterministic=true", "model.drop_path=0.1", "probe.enabled=false", *D2V]
-    assert main([*common, f"output_dir={tmp_path / 'a'}"]) == 0
-    die_after_first_checkpoint(monkeypatch)
-    assert main([*common, f"output_dir={tmp_path / 'b'}"]) == 130
-    monkeypatch.undo()
-    assert main([*common, f"output_dir={tmp_path / 'b'}"]) == 0
-    a, b = (load(tmp_path / d / "checkpoints" / "last.pt") for d in "ab")
+def test_kill9_then_resume_with_the_ema_teacher_is_bitwise_exact(tmp_path):
+    """data2vec2 (the teacher, its momentum, the clones and the decoder's noise) killed with SIGKILL in the middle of
+    its second checkpoint write, then resumed: the same weights, teacher included, as an uninterrupted run."""
+    import signal
+
+    from test_faults import DRIVER, run
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    args = ["epochs=2", "data.synthetic_size=32", "batch_size=16", "probe.enabled=false", *D2V]
+    ref, out = tmp_path / "ref", tmp_path / "killed"
+    assert run(driver, ref, extra_args=args) == 0
+    assert run(driver, out, {"KILL_AT_CKPT_WRITE": "2"}, extra_args=args) == -signal.SIGKILL
+    assert load(out / "checkpoints" / "last.pt")["epoch"] == 0  # the first epoch's checkpoint survived
+    assert run(driver, out, extra_args=args) == 0
+    a, b = (load(d / "checkpoints" / "last.pt") for d in (ref, out))
     assert any(k.startswith("target.teacher.") for k in a["model"]) and a["model"].keys() == b["model"].keys()
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
