@@ -209,3 +209,17 @@ def test_teacher_objective_needs_a_teacher_and_pixels_objective_checks_the_grid(
         validate(tokenizer_config([], ["kind=lfq", "data.name=digits", "lfq.objective=pixels"]))
     with pytest.raises(ConfigError, match="lfq.entropy_groups=1 leaves groups of 20 bits"):
         validate(tokenizer_config([], ["kind=lfq", "lfq.dim=20", "lfq.entropy_groups=1", "teacher.name=timm:x"]))
+
+
+def test_a_teacher_grid_that_does_not_fit_is_an_error_before_the_run_starts(tmp_path):
+    import timm
+
+    from mimkit.tokenizers.train import train_tokenizer
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=48)  # a 3x3 grid
+    torch.save(model.state_dict(), tmp_path / "t.pth")
+    small = ["fsq.depth=1", "fsq.embed_dim=32", "fsq.num_heads=4", "fsq.decoder_embed_dim=32", "fsq.decoder_num_heads=4"]
+    with pytest.raises(ConfigError, match="one must divide the other"):  # digits: a 4x4 grid
+        train_tokenizer(tokenizer_config([], ["kind=fsq", "data.name=digits", "teacher.name=timm:vit_tiny_patch16_224",
+                                              f"teacher.weights={tmp_path / 't.pth'}", "teacher.img_size=48",
+                                              f"output_dir={tmp_path / 'out'}", *small]))
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,8 @@ from mimkit.teachers import Teacher
 
 from .base import GradientTraining, TrainableTokenizer, run_args
 from .dvae import ConvLayoutConfig, Decoder, Encoder, check_grid, conv_input_size, pixel_metrics, to01
-from .vqkd import VQKD, ViTLayoutConfig, check_vit_layout, cosine_loss, vit_decoder, vit_encoder, vit_layout_args
+from .vqkd import (VQKD, ViTLayoutConfig, check_vit_layout, cosine_loss, placed_teacher, vit_decoder, vit_encoder,
+                   vit_layout_args)
 
 OBJECTIVES = ("teacher", "pixels")
 # The recipe of the quantizer kinds whose vocabulary their settings fix (fsq, lfq): VQ-KD's optimizer and
@@ -175,8 +176,7 @@ class QuantizedTokenizer(TrainableTokenizer, ABC):
         return place_model(tok, device, cfg.precision)
 
     def trainer(self, cfg, teacher: Teacher | None) -> "QuantizedTraining":
-        device = next(self.parameters()).device
-        return QuantizedTraining(self, teacher.to(device) if teacher is not None else None)
+        return QuantizedTraining(self, placed_teacher(teacher, self) if self.objective == "teacher" else None)
 
 
 class QuantizedTraining(GradientTraining):

@@ -208,7 +208,17 @@ class VQKD(TrainableTokenizer):
 
     def trainer(self, cfg, teacher: Teacher | None) -> "VQKDTraining":
         """The training step with the teacher on the tokenizer's device."""
-        return VQKDTraining(self, teacher.to(self.quantizer.codebook.device))
+        return VQKDTraining(self, placed_teacher(teacher, self))
+
+
+def placed_teacher(teacher: Teacher, tok: nn.Module) -> Teacher:
+    """The teacher on the tokenizer's device, its patch grid checked against the tokenizer's on one blank image
+    (a grid that does not divide the other is an error now, before the run directory is written, not at the
+    first step)."""
+    device = next(tok.parameters()).device
+    teacher = teacher.to(device)
+    teacher(torch.zeros(1, 3, tok.img_size, tok.img_size, device=device), (tok.mean, tok.std), tok.grid)
+    return teacher
 
 
 def cosine_loss(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
