@@ -8,16 +8,11 @@ import importlib
 import sys
 from pathlib import Path
 
-from .commands import Parser, add_config_args, run
-from .data import DATASETS
-from .heads import HEADS
-from .losses import LOSSES
-from .masking import MASK_KINDS
-from .methods import METHODS, pretrain_config
-from .targets import TARGETS
+from . import progress
+from .commands import Parser, add_config_args, registry_names, run
 
-# Modules that contribute sub-commands through `add_commands(subparsers)`.
-COMMAND_MODULES: list[str] = ["mimkit.probes.cli", "mimkit.tokenizers.cli", "mimkit.submit", "mimkit.probes.analyze_cli",
+# Modules that contribute sub-commands through `add_commands(subparsers)`; none imports torch until it runs.
+COMMAND_MODULES: list[str] = ["mimkit.probes.cli", "mimkit.tokenizer_cli", "mimkit.submit", "mimkit.probes.analyze_cli",
                               "mimkit.study_cli"]
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -31,10 +26,12 @@ def presets() -> list[str]:
 
 
 def pretrain_epilog() -> str:
-    lines = ["methods: " + ", ".join(METHODS),
-             f"parts (named by each method's recipe): head ({', '.join(HEADS)}), target.kind ({', '.join(TARGETS)}), "
-             f"loss ({', '.join(LOSSES)}), mask.kind ({', '.join(MASK_KINDS)})",
-             "datasets: " + ", ".join(DATASETS) + " (digits: embedded; synthetic: tests)",
+    """The registries' parts, presets and examples, for `mimkit pretrain --help`."""
+    names = {k: ", ".join(v) for k, v in registry_names().items() if k != "tokenizers"}
+    lines = ["methods: " + names["methods"],
+             f"parts (named by each method's recipe): head ({names['heads']}), target.kind ({names['targets']}), "
+             f"loss ({names['losses']}), mask.kind ({names['mask_kinds']})",
+             "datasets: " + names["datasets"] + " (digits: embedded; synthetic: tests)",
              "presets: " + (", ".join(presets()) or "(none found)"),
              "examples:", "  python run_pretrain.py                       # MAE on digits, then a k-NN probe",
              "  python run_pretrain.py --config configs/pretrain/mae_vit_tiny_cifar10.yaml data.root=/data/cifar10",
@@ -46,6 +43,7 @@ def cmd_pretrain(args) -> int:
     from mimkit.probes.knn import closing_probe  # the CLI layer: the engine never imports the probes
 
     from .engine import train
+    from .methods import pretrain_config
     cfg = pretrain_config(args.config, args.overrides)
     metrics = train(cfg, after=closing_probe)
     knn = metrics.get("knn")
@@ -58,8 +56,10 @@ def cmd_pretrain(args) -> int:
 def build_parser() -> Parser:
     parser = Parser(prog="mimkit", description="Masked image modeling toolkit")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--quiet", action="store_true",
+                        help="no progress bars or progress lines, no per-epoch lines (log.txt still has them)")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
-    p = sub.add_parser("pretrain", help="pretrain a ViT with a MIM method", epilog=pretrain_epilog(),
+    p = sub.add_parser("pretrain", help="pretrain a ViT with a MIM method", epilog=pretrain_epilog,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(p, "optim.blr=1.5e-4")
     p.set_defaults(func=cmd_pretrain)
@@ -70,13 +70,14 @@ def build_parser() -> Parser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    debug = "--debug" in argv
-    argv = [a for a in argv if a != "--debug"]  # accepted anywhere on the line
+    debug, quiet = "--debug" in argv, "--quiet" in argv
+    argv = [a for a in argv if a not in ("--debug", "--quiet")]  # accepted anywhere on the line
     args = build_parser().parse_args(argv)
     args.debug = debug
     # what `mimkit submit` checks a job's command line with and runs (mimkit.submit never imports this module)
     args.entry, args.build_parser = main, build_parser
-    return run(args.func, args)
+    with progress.quiet(quiet):
+        return run(args.func, args)
 
 
 if __name__ == "__main__":

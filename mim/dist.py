@@ -7,8 +7,10 @@ TorchDistributedEnvironment (master = first host of the node list, port derived 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -86,8 +88,30 @@ def init(device_name: str = "auto") -> torch.device:
     return device
 
 
+def native_bf16_cpu(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Whether this CPU multiplies bf16 natively: AMX or AVX512-BF16 among its flags (True where the flags cannot
+    be read: no warning without evidence)."""
+    try:
+        text = Path(cpuinfo).read_text()
+    except OSError:
+        return True
+    flags = {f for line in text.splitlines() if line.startswith("flags") for f in line.partition(":")[2].split()}
+    return not flags or bool(flags & {"amx_bf16", "avx512_bf16"})
+
+
+@functools.cache
+def warn_slow_bf16() -> None:
+    """Once per process (rank 0): precision=bf16 on a CPU without native bf16 is emulated, slower than fp32."""
+    if is_main() and not native_bf16_cpu():
+        sys.stderr.write("warning: precision=bf16 on a CPU without native bf16 (no AMX or AVX512-BF16 in "
+                         "/proc/cpuinfo) runs slower than fp32; use precision=fp32 (what precision=auto is on CPU)\n")
+
+
 def uses_bf16(device: torch.device, precision: str = "auto") -> bool:
-    """precision "auto" is bf16 on CUDA and fp32 on CPU; "bf16" and "fp32" are that on any device."""
+    """precision "auto" is bf16 on CUDA and fp32 on CPU; "bf16" and "fp32" are that on any device (bf16 on a CPU
+    that emulates it: `warn_slow_bf16`)."""
+    if precision == "bf16" and device.type == "cpu":
+        warn_slow_bf16()
     return precision == "bf16" or (precision == "auto" and device.type == "cuda")
 
 

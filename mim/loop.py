@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,9 +15,8 @@ from typing import Any, Callable, Iterable
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
-from tqdm import tqdm
 
-from . import checkpoint, dist
+from . import checkpoint, dist, progress
 from .vit import use_fused_attention
 
 
@@ -86,7 +84,7 @@ class RunLog:
 
     def __call__(self, msg: str) -> None:
         if dist.is_main():
-            tqdm.write(msg)
+            progress.write(msg)
             with open(self.path, "a") as f:
                 f.write(msg + "\n")
 
@@ -153,8 +151,7 @@ def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, forward: Callable
     means, "images_per_s", "seconds"} (means over the epoch's steps and over ranks)."""
     cfg, device = loop.cfg, loop.device
     t0, n_images, loss_sum, sums, lr, base_lr = time.perf_counter(), 0, 0.0, {}, 0.0, loop.base_lr
-    bar = tqdm(batches, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not dist.is_main(), leave=False,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = progress.bar(batches, f"epoch {epoch + 1}/{cfg.epochs}", enabled=dist.is_main())
     loop.optimizer.zero_grad(set_to_none=True)
     for it, batch in enumerate(bar):
         if it % cfg.accum_iter == 0:

@@ -13,7 +13,6 @@ import shlex
 import time
 from pathlib import Path
 
-from .checkpoint import atomic_write_text
 from .submit import Job, add_executor_args, build_executor
 
 EPILOG = """A study file names data/model/budget shared by every cell, the tokenizers, the cells (method + overrides,
@@ -36,6 +35,8 @@ def submit_study(args: argparse.Namespace, study: dict, steps: list) -> dict[str
     """One job per step not done (in plan order), chained by dependencies; returns {step: job id} and records
     the submissions in <output_dir>/jobs.json."""
     from mimkit.probes.study import decide
+
+    from .checkpoint import atomic_write_text
     root, config = Path(study.get("output_dir") or "runs/study"), str(Path(args.config).resolve())
     job_ids, jobs, records = {}, {}, []
     for step in steps:

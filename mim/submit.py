@@ -21,7 +21,6 @@ from typing import Callable
 
 import submitit
 
-from . import checkpoint, dist
 from .config import ConfigError
 
 TARGETS = ("pretrain", "tokenizer", "probe")
@@ -53,7 +52,8 @@ class Job(submitit.helpers.Checkpointable):
         return [*self.head, *self.overrides, *(a for f in self.configs for a in ("--config", f))]
 
     def __call__(self) -> dict | None:
-        dist.export_submitit_env()  # RANK/WORLD_SIZE/MASTER_ADDR/... from SLURM_* before the command starts
+        from .dist import export_submitit_env
+        export_submitit_env()  # RANK/WORLD_SIZE/MASTER_ADDR/... from SLURM_* before the command starts
         code = self.entry(self.argv)
         if code:
             raise RuntimeError(f"`mimkit {shlex.join(self.argv)}` exited with status {code}; "
@@ -215,6 +215,7 @@ def submit(argv: list[str], opts: argparse.Namespace, parser: argparse.ArgumentP
            entry: Callable[[list[str]], int]) -> tuple[submitit.Job, Path]:
     """Submit `mimkit argv...` (argv[0] in TARGETS) with the executor options `opts`; returns the job and the
     run directory, where jobs.json records the submission. `parser`, `entry`: mimkit's (see make_job)."""
+    from .checkpoint import atomic_write_text
     if argv[0] not in TARGETS:
         raise ConfigError(f"mimkit submit: command {argv[0]!r} is not valid; choose one of: {', '.join(TARGETS)}")
     job_fn, prepare = make_job(argv, parser, entry)
@@ -228,7 +229,7 @@ def submit(argv: list[str], opts: argparse.Namespace, parser: argparse.ArgumentP
               "stderr": str(job.paths.stderr)}
     jobs_file = out / "jobs.json"
     jobs = json.loads(jobs_file.read_text()) if jobs_file.exists() else []
-    checkpoint.atomic_write_text(jobs_file, json.dumps(jobs + [record], indent=2))
+    atomic_write_text(jobs_file, json.dumps(jobs + [record], indent=2))
     return job, out
 
 

@@ -16,16 +16,14 @@ their global index, so the subsample and the gallery patches do not depend on th
 from __future__ import annotations
 
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from mimkit import checkpoint, dist
+from mimkit import checkpoint, dist, progress
 from mimkit.checkpoint import CheckpointError
 from mimkit.config import DEVICES, ConfigError, build_config, check_range, choices, from_dict, set_key
 from mimkit.data import (DATA_PRESETS, DataConfig, EpochSampler, MaskedImages, Transformed, build_dataset,
@@ -255,7 +253,7 @@ def stream_tokens(tokenizers: dict[str, Tokenizer], dataset, data_name: str, num
     loader = make_loader(dataset, cfg.batch_size, cfg.data, pin_memory=device.type == "cuda")
     shown = torch.from_numpy(np.unique(np.linspace(0, total - 1, min(cfg.figures.map_images, total)).round())).long()
     map_imgs, map_ids, seen = [], {name: [] for name in tokenizers}, 0
-    for imgs, labels in tqdm(loader, desc="tokens", file=sys.stderr, dynamic_ncols=True, leave=False):
+    for imgs, labels in progress.bar(loader, "tokens"):
         imgs = imgs.to(device, non_blocking=True)
         labels = torch.as_tensor(labels)
         rows = (shown[(shown >= seen) & (shown < seen + len(imgs))] - seen).to(device)
@@ -430,7 +428,7 @@ def count_hits(model: Method, loader, device: torch.device, num_classes: int) ->
     vocab = model.target.out_dim
     counts = {k: np.zeros(num_classes, np.int64) for k in ("correct", "correct5", "total")}
     counts["targets"] = np.zeros(vocab, np.int64)
-    for imgs, mask, labels, _ in tqdm(loader, desc="predictions", file=sys.stderr, dynamic_ncols=True, leave=False):
+    for imgs, mask, labels, _ in progress.bar(loader, "predictions"):
         imgs, mask = imgs.to(device, non_blocking=True), mask.to(device, non_blocking=True)
         with autocast(device):
             target = model.target(imgs)[mask]

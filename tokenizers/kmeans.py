@@ -15,8 +15,8 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
+from mimkit import progress
 from mimkit.config import ConfigError, check_range, choices
 from mimkit.data import Transformed, eval_transform, make_loader
 from mimkit.dist import autocast
@@ -168,11 +168,11 @@ def faiss_threads(threads: int) -> Iterator[None]:
 def sample_features(tok: KMeansTokenizer, loader, max_samples: int, num_images: int, device: torch.device,
                     seed: int = 0) -> torch.Tensor:
     """Patch features [n, dim] sampled uniformly across the loader's images: ceil(max_samples / num_images)
-    random patches per image (all when fewer), until max_samples. Progress bar on stderr."""
+    random patches per image (all when fewer), until max_samples. Progress as `mimkit.progress.bar` shows it."""
     per_image = min(tok.num_tokens, max(1, math.ceil(max_samples / max(num_images, 1))))
     g = torch.Generator().manual_seed(seed)
     out, total = [], 0
-    bar = tqdm(loader, desc=f"sampling patch features ({per_image}/image)", leave=False, dynamic_ncols=True)
+    bar = progress.bar(loader, f"sampling patch features ({per_image}/image)")
     for batch in bar:
         imgs = batch[0].to(device, non_blocking=True)
         with autocast(device):

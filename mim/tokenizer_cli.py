@@ -1,16 +1,15 @@
 """`mimkit tokenizer train --config configs/tokenizer/<kind>_*.yaml [key=value ...]` and
-`mimkit tokenizer info FILE`."""
+`mimkit tokenizer info FILE`.
+
+Outside the mimkit.tokenizers package: importing any module of it registers every kind, which imports torch;
+the parsers here import nothing until a command runs (the help lists the kinds from `registry_names`)."""
 from __future__ import annotations
 
 import argparse
 import json
 from pathlib import Path
 
-from mimkit.commands import Parser, add_config_args
-
-from .base import TOKENIZERS, Tokenizer
-from .config import tokenizer_config
-from .train import train_tokenizer
+from .commands import Parser, add_config_args, registry_names
 
 EXAMPLES = """examples:
   mimkit tokenizer train --config configs/tokenizer/kmeans_digits.yaml
@@ -21,11 +20,17 @@ then: mimkit pretrain --config configs/pretrain/clustermim_digits.yaml"""
 
 
 def kinds_line() -> str:
-    """The registered kinds, for the help text."""
-    return "kinds: " + ", ".join(f"{kind} ({cls.paper})" if cls.paper else kind for kind, cls in TOKENIZERS.items())
+    """The registered kinds with their papers, for the help text."""
+    return "kinds: " + ", ".join(f"{kind} ({paper})" if paper else kind for kind, paper in registry_names()["tokenizers"])
+
+
+def kinds() -> str:
+    return ", ".join(kind for kind, _ in registry_names()["tokenizers"])
 
 
 def cmd_train(args) -> int:
+    from mimkit.tokenizers.config import tokenizer_config
+    from mimkit.tokenizers.train import train_tokenizer
     m = train_tokenizer(tokenizer_config(args.config, args.overrides))
     print(f"{m['tokenizer']}: held-out codebook usage {100 * m['heldout_usage']:.1f}%, "
           f"perplexity {m['heldout_perplexity']:.1f} of {m['vocab_size']}")
@@ -33,16 +38,17 @@ def cmd_train(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from mimkit.tokenizers import Tokenizer
     tok = Tokenizer.load(args.file)
     print(json.dumps({"file": str(Path(args.file)), "kind": tok.kind, **tok.config()}, indent=2))
     return 0
 
 
 def add_commands(subparsers) -> None:
-    p = subparsers.add_parser("tokenizer", help=f"train or inspect tokenizers ({', '.join(TOKENIZERS)})")
+    p = subparsers.add_parser("tokenizer", help=lambda: f"train or inspect tokenizers ({kinds()})")
     sub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=Parser)
     t = sub.add_parser("train", help="train a tokenizer; writes <output_dir>/tokenizer.pt and metrics.json",
-                       epilog=f"{kinds_line()}\n{EXAMPLES}", formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=lambda: f"{kinds_line()}\n{EXAMPLES}", formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(t, "vocab_size=512")
     t.set_defaults(func=cmd_train)
     i = sub.add_parser("info", help="print a tokenizer file's kind, grid, vocabulary and settings")
