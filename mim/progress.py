@@ -7,9 +7,10 @@ from __future__ import annotations
 import contextlib
 import sys
 import time
-from typing import Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
 INTERVAL_S = 60.0  # at most one plain progress line per this many seconds
 _quiet = False
@@ -29,6 +30,7 @@ def quiet(on: bool = True) -> Iterator[None]:
 def write(msg: str) -> None:
     """A log line on stdout, unless quiet (through tqdm: a running bar is redrawn below it)."""
     if not _quiet:
+        from tqdm import tqdm  # here: `mimkit --help` imports this module
         tqdm.write(msg)
 
 
@@ -61,5 +63,6 @@ def bar(items: Iterable, desc: str, enabled: bool = True) -> tqdm | Lines:
     """`items` with progress on the console: a bar on stderr when stdout and stderr are terminals, else `Lines`;
     nothing when quiet or not `enabled` (DDP: ranks other than 0)."""
     if _quiet or not enabled or (sys.stdout.isatty() and sys.stderr.isatty()):
+        from tqdm import tqdm
         return tqdm(items, desc=desc, disable=_quiet or not enabled, leave=False, file=sys.stderr, dynamic_ncols=True)
     return Lines(items, desc)

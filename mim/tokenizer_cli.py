@@ -21,7 +21,8 @@ then: mimkit pretrain --config configs/pretrain/clustermim_digits.yaml"""
 
 def kinds_line() -> str:
     """The registered kinds with their papers, for the help text."""
-    return "kinds: " + ", ".join(f"{kind} ({paper})" if paper else kind for kind, paper in registry_names()["tokenizers"])
+    papers = registry_names()["tokenizers"]
+    return "kinds: " + ", ".join(f"{kind} ({paper})" if paper else kind for kind, paper in papers)
 
 
 def kinds() -> str:
@@ -48,7 +49,8 @@ def add_commands(subparsers) -> None:
     p = subparsers.add_parser("tokenizer", help=lambda: f"train or inspect tokenizers ({kinds()})")
     sub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=Parser)
     t = sub.add_parser("train", help="train a tokenizer; writes <output_dir>/tokenizer.pt and metrics.json",
-                       epilog=lambda: f"{kinds_line()}\n{EXAMPLES}", formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=lambda: f"{kinds_line()}\n{EXAMPLES}",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     add_config_args(t, "vocab_size=512")
     t.set_defaults(func=cmd_train)
     i = sub.add_parser("info", help="print a tokenizer file's kind, grid, vocabulary and settings")

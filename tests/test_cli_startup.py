@@ -45,7 +45,8 @@ def test_every_help_prints_without_torch(tmp_path, monkeypatch):
     assert not seen["torch"]
     helps = seen["helps"]
     expected = {"", "pretrain", "probe", "probe linear", "probe knn", "probe finetune", "export", "tokenizer",
-                "tokenizer train", "tokenizer info", "submit", "analyze", "analyze tokens", "analyze predictions", "study"}
+                "tokenizer train", "tokenizer info", "submit", "analyze", "analyze tokens", "analyze predictions",
+                "study"}
     assert expected <= set(helps) and all(helps.values())
     kinds = ", ".join(kind for kind, _ in names["tokenizers"])
     assert f"train or inspect tokenizers ({kinds})" in " ".join(helps[""].split())
