@@ -40,11 +40,11 @@ def pretrain_epilog() -> str:
 
 
 def cmd_pretrain(args) -> int:
+    from .methods import pretrain_config
+    cfg = pretrain_config(args.config, args.overrides)  # a mistake stops here, before the engine and probes load
     from mimkit.probes.knn import closing_probe  # the CLI layer: the engine never imports the probes
 
     from .engine import train
-    from .methods import pretrain_config
-    cfg = pretrain_config(args.config, args.overrides)
     metrics = train(cfg, after=closing_probe)
     knn = metrics.get("knn")
     if knn:
