@@ -34,6 +34,17 @@ class DecoderConfig:
     num_heads: int = 16
 
 
+def token_trunk(module: nn.Module, grid: int, embed_dim: int, dim: int, depth: int, num_heads: int,
+                mlp_ratio: float) -> None:
+    """The layers MAE's decoder and I-JEPA's predictor share, set on `module` in this order: the projection from
+    the encoder's width, a mask token, fixed sin-cos positions of the grid, `depth` blocks and a final norm."""
+    module.embed = nn.Linear(embed_dim, dim)
+    module.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+    module.register_buffer("pos_embed", sincos_pos_embed(grid, dim))
+    module.blocks = make_blocks(dim, depth, num_heads, mlp_ratio)
+    module.norm = nn.LayerNorm(dim, eps=1e-6)
+
+
 @register_head("decoder")
 class MAEDecoder(nn.Module):
     """MAE's decoder: project the visible tokens, fill masked slots with a shared mask token, add fixed
@@ -45,11 +56,7 @@ class MAEDecoder(nn.Module):
     def __init__(self, grid: int, embed_dim: int, out_dim: int, dim: int = 512, depth: int = 8, num_heads: int = 16,
                  mlp_ratio: float = 4.0):
         super().__init__()
-        self.embed = nn.Linear(embed_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim))
-        self.blocks = make_blocks(dim, depth, num_heads, mlp_ratio)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        token_trunk(self, grid, embed_dim, dim, depth, num_heads, mlp_ratio)
         self.pred = nn.Linear(dim, out_dim)
         self.apply(init_weights)
         nn.init.normal_(self.mask_token, std=0.02)
@@ -186,11 +193,7 @@ class JEPAPredictor(nn.Module):
     def __init__(self, grid: int, embed_dim: int, out_dim: int, dim: int = 384, depth: int = 12, num_heads: int = 16,
                  mlp_ratio: float = 4.0):
         super().__init__()
-        self.embed = nn.Linear(embed_dim, dim)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
-        self.register_buffer("pos_embed", sincos_pos_embed(grid, dim))
-        self.blocks = make_blocks(dim, depth, num_heads, mlp_ratio)
-        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        token_trunk(self, grid, embed_dim, dim, depth, num_heads, mlp_ratio)
         self.proj = nn.Linear(dim, out_dim)
         self.apply(init_weights)
         nn.init.trunc_normal_(self.mask_token, std=0.02)
