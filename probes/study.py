@@ -288,29 +288,31 @@ def inputs_newer(step: Step, by_name: dict[str, Step]) -> bool:
     return any(t > own.stat().st_mtime for t in mtimes)
 
 
-def decide(step: Step, stale: bool) -> tuple[str, list[str]]:
+def decide(step: Step, stale: bool) -> tuple[str, list[str], tuple | None]:
     """What to do with a step: ran (new), resumed (interrupted with this config), skipped (finished with this
-    config and nothing it needs ran again) or reran (its config changed, or `stale`); and the changed keys."""
+    config and nothing it needs ran again) or reran (its config changed, or `stale`); the changed keys; and the
+    built config when it was built to decide and can run as it is (resumed)."""
     if not (step.out / "config.yaml").is_file():
-        return "ran", []
+        return "ran", [], None
     if stale:
-        return "reran", []
-    changed = changed_keys(step.out, BUILDERS[step.kind](step)[0])
+        return "reran", [], None
+    built = BUILDERS[step.kind](step)
+    changed = changed_keys(step.out, built[0])
     if changed:
-        return "reran", changed
-    return ("skipped" if (step.out / "metrics.json").is_file() else "resumed"), []
+        return "reran", changed, None
+    return ("skipped", [], None) if (step.out / "metrics.json").is_file() else ("resumed", [], built)
 
 
 def execute(step: Step, stale: bool, log: Callable[[str], None]) -> str:
     """Run, resume, rerun or skip the step (see `decide`); returns which."""
-    action, changed = decide(step, stale)
+    action, changed, built = decide(step, stale)
     if action == "skipped":
         log(f"{step.name}: done, skipped ({step.out})")
         return action
     if action == "reran":
         log(f"{step.name}: {'config changed (' + ', '.join(changed) + ')' if changed else 'an input ran again'}; "
             f"running it again")
-    built = BUILDERS[step.kind](step, overwrite=action == "reran")
+    built = built or BUILDERS[step.kind](step, overwrite=action == "reran")
     t0 = time.perf_counter()
     log(f"{step.name}: {'resuming' if action == 'resumed' else 'running'} -> {step.out}")
     RUNNERS[step.kind](built)
