@@ -1,7 +1,7 @@
 """`mimkit study`: every target at one budget, as one command.
 
 A study file names the settings every cell shares (`data`, `model`, `budget`, `overrides`), the tokenizers the
-token cells need (each trained once), the cells (a method plus overrides, with `teacher: <cell>` and
+token cells need (each trained once), the cells (a method, optionally a config file, plus overrides, with `teacher: <cell>` and
 `tokenizer: <name>` references) and the probes. The runner orders the steps by their references (teacher cell ->
 tokenizer -> cell -> probes; the token analysis last), and each step is an ordinary run directory under the
 study's `output_dir`:
@@ -29,7 +29,7 @@ from mimkit.config import ConfigError, diff, flatten, load_yaml, migrate, parse_
 
 PROTOCOLS = ("knn", "linear", "finetune")
 STUDY_KEYS = ("output_dir", "data", "model", "budget", "overrides", "tokenizers", "cells", "probes", "probe")
-CELL_KEYS = ("method", "teacher", "tokenizer", "overrides")
+CELL_KEYS = ("method", "config", "teacher", "tokenizer", "overrides")
 TOKENIZER_KEYS = ("kind", "config", "teacher", "overrides")
 # keys that do not change a step's result: a finished step differing only in these is not run again
 NEUTRAL = ("output_dir", "overwrite", "resume", "device", "data.num_workers", "data.root", "features.cache",
@@ -131,7 +131,8 @@ def cell_steps(study: dict, root: Path) -> list[Step]:
             tok = _reference(cell["tokenizer"], tokenizers, "the tokenizer", f"cells.{name}.tokenizer")
             extra.append(f"target.tokens.tokenizer={root / 'tokenizers' / tok / 'tokenizer.pt'}")
             needs.append(f"tokenizer:{tok}")
-        steps.append(Step(f"cell:{name}", "pretrain", root / "cells" / name, [],
+        steps.append(Step(f"cell:{name}", "pretrain", root / "cells" / name,
+                          [cell["config"]] if cell.get("config") else [],
                           [*shared_overrides(study), *extra, *_overrides(cell, f"cells.{name}")], needs))
     return steps
 

@@ -36,6 +36,17 @@ def test_plan_orders_teacher_tokenizer_cell_probes_and_analysis(tmp_path):
     assert "data.name=synthetic" in steps["tokenizer:vq"].overrides and "epochs=1" in steps["cell:eva"].overrides
 
 
+def test_a_cell_reads_its_config_file_before_its_overrides(tmp_path):
+    from mimkit.probes.study import BUILDERS
+    (tmp_path / "d2v.yaml").write_text("method: data2vec2\nmask:\n  clones: 3\n  block_len: 2\n")
+    study = dict(TINY, cells={"d2v": {"method": "data2vec2", "config": str(tmp_path / "d2v.yaml"),
+                                      "overrides": ["mask.clones=2"]}})
+    step = next(s for s in plan(load_study(write(tmp_path, study))) if s.name == "cell:d2v")
+    assert step.files == [str(tmp_path / "d2v.yaml")]
+    cfg = BUILDERS["pretrain"](step)[0]
+    assert (cfg.mask.clones, cfg.mask.block_len) == (2, 2)  # the override wins, the file's other key is kept
+
+
 @pytest.mark.parametrize("study,words", [
     ({"cells": {"a": {"method": "beit", "tokenizer": "nope"}}}, ["cells.a.tokenizer", "'nope'"]),
     ({"cells": {"a": {"method": "eva", "teacher": "b"}, "b": {"method": "eva", "teacher": "a"}}}, ["cycle"]),
