@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config import DEVICES, PRECISIONS, build_config, check_range, choices
+from mimkit.config import DEVICES, PRECISIONS, ConfigError, build_config, check_range, choices
 from mimkit.data import DataConfig, validate_data
 
 KNN_KS = (10, 20, 100, 200)  # always reported (DINO)
@@ -37,6 +37,8 @@ class LinearConfig:
     # augmented: MAE protocol, the frozen encoder sees RandomResizedCrop + flip crops at every step;
     # cached: fast variant on cached features without augmentation (what CPU users run)
     mode: str = choices("augmented", "cached", default="augmented")
+    random_init: bool = False  # also train the head on a random-init encoder of the same shape (a baseline)
+    pixels: bool = False  # also train the head on the raw normalized pixels (a baseline)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class KnnConfig:
     temperature: float = 0.07
     backend: str = choices("auto", "faiss", "torch", default="auto")  # auto: FAISS when importable
     random_init: bool = False  # also report a random-init encoder of the same shape (the baseline)
+    pixels: bool = False  # also report the raw normalized pixels (a baseline)
 
 
 @dataclass
@@ -64,7 +67,8 @@ class FinetuneConfig:
 @dataclass
 class ProbeRunConfig:
     protocol: str = choices("linear", "knn", "finetune", default="linear")  # set by the sub-command
-    checkpoint: str = ""  # a mimkit pretraining checkpoint (any method)
+    checkpoint: str = ""  # a mimkit pretraining checkpoint (any method), an official one, or timm:/openclip:<model>
+    weights: str = ""  # timm:/openclip: only: the model's local weights file (nothing is downloaded)
     encoder: str = choices("student", "ema", default="student")  # ema: the EMA teacher (data2vec2, ijepa runs)
     output_dir: str = ""  # default: <pretraining run>/probe_<protocol>_<data.name>
     seed: int = 0
@@ -141,6 +145,10 @@ def validate(cfg: ProbeRunConfig, depth: int) -> None:
         check_range("optim.warmup_epochs", cfg.optim.warmup_epochs, 0)
         check_range("optim.min_lr", cfg.optim.min_lr, 0)
         check_range("optim.clip_grad", cfg.optim.clip_grad, 0)
+    pixels = cfg.knn.pixels if cfg.protocol == "knn" else cfg.linear.pixels if cfg.protocol == "linear" else False
+    if pixels and cfg.features.layer:
+        raise ConfigError(f"{cfg.protocol}.pixels probes the raw pixels, which have no blocks: features.layer must "
+                          f"be 0, got {cfg.features.layer}")
     check_range("knn.k", cfg.knn.k, 1)
     check_range("knn.temperature", cfg.knn.temperature, 0, lo_open=True)
     ft = cfg.finetune

@@ -8,12 +8,24 @@ import os
 from pathlib import Path
 
 import torch
+from torch import nn
 from torch.utils.data import DataLoader
 
 from mimkit import checkpoint
 from mimkit.data import Transformed, build_dataset, eval_transform, make_loader
 from mimkit.dist import autocast
 from mimkit.vit import ViT
+
+
+class RawPixels(nn.Module):
+    """The raw-pixel baseline as an encoder: one token, the flattened normalized image [B, C*H*W], which is both
+    its CLS and its only patch token, so every pool and probe reads it as it reads a ViT's features."""
+
+    def forward(self, imgs: torch.Tensor, return_layers: tuple = ()) -> torch.Tensor:
+        """imgs [B, C, H, W] -> tokens [B, 2, C*H*W]."""
+        if return_layers:
+            raise ValueError("raw pixels have no blocks: features.layer must be 0")
+        return imgs.flatten(1).unsqueeze(1).expand(-1, 2, -1)
 
 
 def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:

@@ -10,7 +10,7 @@ from mimkit.encoders import random_encoder
 
 from .config import KNN_KS
 from .context import ProbeRun
-from .features import split_features
+from .features import RawPixels, split_features
 
 
 
@@ -90,13 +90,15 @@ def knn_compare(encoders: dict, features, ks=KNN_KS, k: int = 20, T: float = 0.0
 
 
 def run_knn(run: ProbeRun) -> dict:
-    """`mimkit probe knn`: the checkpoint's encoder (features through the cache) and, with knn.random_init, a
-    random-init encoder of the same shape."""
+    """`mimkit probe knn`: the checkpoint's encoder (features through the cache) and the baselines asked for:
+    a random-init encoder of the same shape (knn.random_init), the raw pixels (knn.pixels)."""
     cfg, kc = run.cfg, run.cfg.knn
     encoders = {"pretrained": run.encoder}
     if kc.random_init:
         encoders["random_init"] = random_encoder(run.pretrain_cfg.model, cfg.data.img_size,
                                                  run.pretrain_cfg.seed).to(run.device)
+    if kc.pixels:
+        encoders["pixels"] = RawPixels()
     result = knn_compare(encoders, lambda enc, name, split: run.features(split, None if name == "pretrained" else enc),
                          KNN_KS, kc.k, kc.temperature, kc.backend, run.log)
     for name, acc in result.items():

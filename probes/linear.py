@@ -1,9 +1,12 @@
 """Linear probe (MAE protocol): frozen encoder, BatchNorm1d(affine=False, eps 1e-6) + linear head (init std
 0.01), timm's LARS with MAE's grouping, lr = blr * batch / 256, warmup + half-cycle cosine, RandomResizedCrop +
-flip only. `linear.mode=cached` trains the same head on cached features without augmentation (the fast variant)."""
+flip only. `linear.mode=cached` trains the same head on cached features without augmentation (the fast variant).
+`linear.random_init` / `linear.pixels` train the same head on the baselines too."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from dataclasses import replace
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -13,11 +16,12 @@ from torch import nn
 
 from mimkit.data import Transformed, build_dataset, make_loader, pretrain_transform
 from mimkit.config import ConfigError
+from mimkit.encoders import random_encoder
 from mimkit.loop import effective_lr
 
 from .context import ProbeRun
-from .features import encode
-from .train import evaluate, fit, summarize
+from .features import RawPixels, encode
+from .train import Prefixed, evaluate, fit, summarize
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -50,34 +54,38 @@ def feature_batches(feats: torch.Tensor, labels: torch.Tensor, batch_size: int, 
         yield feats[idx], labels[idx]
 
 
-def run_linear(run: ProbeRun) -> dict:
+def _batches(run: ProbeRun, encoder: nn.Module | None) -> tuple[Callable, int, int]:
+    """(batches(epoch), steps per epoch, training images) of `encoder`'s features (None: the checkpoint's)."""
     cfg, device = run.cfg, run.device
-    test_feats, test_labels = run.features("test")
-    head = linear_head(test_feats.shape[1], run.num_classes)
     if cfg.linear.mode == "cached":
-        train_feats, train_labels = (t.to(device) for t in run.features("train"))
+        train_feats, train_labels = (t.to(device) for t in run.features("train", encoder))
         g = torch.Generator().manual_seed(cfg.seed)
-        n_train, steps = len(train_feats), max(len(train_feats) // cfg.batch_size, 1)
+        return (lambda epoch: feature_batches(train_feats, train_labels, cfg.batch_size, g, drop_last=True),
+                max(len(train_feats) // cfg.batch_size, 1), len(train_feats))
+    # augmented: the frozen encoder sees fresh RandomResizedCrop + flip crops every step
+    dataset = Transformed(build_dataset(cfg.data, "train", cfg.data.limit), pretrain_transform(cfg.data))
+    loader = make_loader(dataset, cfg.batch_size, cfg.data, shuffle=True, drop_last=True,
+                         pin_memory=device.type == "cuda")
+    encoder = (run.encoder if encoder is None else encoder).to(device).eval().requires_grad_(False)
+    layer = cfg.features.layer - 1 if cfg.features.layer else None
 
-        def batches(epoch):
-            return feature_batches(train_feats, train_labels, cfg.batch_size, g, drop_last=True)
-    else:  # the frozen encoder sees fresh RandomResizedCrop + flip crops every step
-        dataset = Transformed(build_dataset(cfg.data, "train", cfg.data.limit), pretrain_transform(cfg.data))
-        loader = make_loader(dataset, cfg.batch_size, cfg.data, shuffle=True, drop_last=True,
-                             pin_memory=device.type == "cuda")
-        encoder = run.encoder.to(device).eval().requires_grad_(False)
-        layer = cfg.features.layer - 1 if cfg.features.layer else None
+    def batches(epoch):
+        for imgs, y in loader:
+            with torch.no_grad():  # (yielding inside the block would switch grad off for the head too)
+                x = encode(encoder, imgs.to(device, non_blocking=True), cfg.features.pool, layer)
+            yield x, y
 
-        def batches(epoch):
-            for imgs, y in loader:
-                with torch.no_grad():  # (yielding inside the block would switch grad off for the head too)
-                    x = encode(encoder, imgs.to(device, non_blocking=True), cfg.features.pool, layer)
-                yield x, y
+    if len(loader) == 0:
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(dataset)} training images; lower batch_size")
+    return batches, len(loader), len(dataset)
 
-        steps, n_train = len(loader), len(dataset)
-        if steps == 0:
-            raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {n_train} training images; lower batch_size")
-    head.to(device)
+
+def train_head(run: ProbeRun, encoder: nn.Module | None = None) -> tuple[nn.Module, list[dict], int]:
+    """The probe head trained on `encoder`'s features (None: the checkpoint's encoder): (head, history, images)."""
+    cfg, device = run.cfg, run.device
+    test_feats, test_labels = run.features("test", encoder)
+    head = linear_head(test_feats.shape[1], run.num_classes).to(device)
+    batches, steps, n_train = _batches(run, encoder)
     base_lr = effective_lr(cfg)
     optimizer = lars(head, base_lr, cfg.optim.weight_decay, cfg.optim.momentum, cfg.optim.trust_coeff)
     run.log(f"linear probe ({cfg.linear.mode}): {n_train} images, {cfg.epochs} epochs, {steps} steps/epoch, "
@@ -85,6 +93,30 @@ def run_linear(run: ProbeRun) -> dict:
     history = fit(head, optimizer, batches, steps, lambda x, y: F.cross_entropy(head(x), y),
                   lambda: evaluate(head, feature_batches(test_feats, test_labels, cfg.batch_size, None), device,
                                    cfg.precision), run)
+    return head, history, n_train
+
+
+def baselines(run: ProbeRun) -> dict[str, dict]:
+    """The same head and schedule on the baselines asked for: a random-init encoder of the checkpoint's shape
+    (linear.random_init) and the raw pixels (linear.pixels); each logs to TensorBoard under its own name."""
+    lc, out = run.cfg.linear, {}
+    encoders = {"random_init": lc.random_init and random_encoder(run.pretrain_cfg.model, run.cfg.data.img_size,
+                                                                 run.pretrain_cfg.seed),
+                "pixels": lc.pixels and RawPixels()}
+    for name, encoder in encoders.items():
+        if encoder:
+            run.log(f"baseline: {name}")
+            _, history, _ = train_head(replace(run, writer=Prefixed(run.writer, f"{name}/")),
+                                       encoder.to(run.device))
+            out[name] = {k: v for k, v in summarize(history).items() if k != "history"}
+    return out
+
+
+def run_linear(run: ProbeRun) -> dict:
+    head, history, n_train = train_head(run)
+    cfg = run.cfg
     run.save("last.pt", {"mimkit": "linear_probe", "head": head.state_dict(), **history[-1],
                          "features": {"pool": cfg.features.pool, "layer": cfg.features.layer}})
-    return {"n_train": n_train, "n_test": len(test_labels), "lr": base_lr, **summarize(history)}
+    base = baselines(run)
+    return {"n_train": n_train, "n_test": len(run.features("test")[1]), "lr": effective_lr(cfg),
+            **summarize(history), **base}

@@ -28,7 +28,9 @@ import yaml
 from mimkit.config import ConfigError, diff, flatten, load_yaml, migrate, parse_overrides
 
 PROTOCOLS = ("knn", "linear", "finetune")
-STUDY_KEYS = ("output_dir", "data", "model", "budget", "overrides", "tokenizers", "cells", "probes", "probe")
+STUDY_KEYS = ("output_dir", "data", "model", "budget", "overrides", "tokenizers", "cells", "probes", "probe",
+              "baselines")
+BASELINES = ("random_init", "pixels")  # probed once, beside the first cell's k-NN and linear probes
 CELL_KEYS = ("method", "config", "teacher", "tokenizer", "overrides")
 TOKENIZER_KEYS = ("kind", "config", "teacher", "overrides")
 # keys that do not change a step's result: a finished step differing only in these is not run again
@@ -91,6 +93,9 @@ def load_study(path: str, overrides: list[str] = ()) -> dict:
     _check_keys(study, STUDY_KEYS, f"study file {path}")
     if not _mapping(study.get("cells"), "cells"):
         raise ConfigError(f"study file {path} names no cells; add e.g. cells: {{mae: {{method: mae}}}}")
+    for name in study.get("baselines") or []:
+        if name not in BASELINES:
+            raise ConfigError(f"baselines: {name!r} is not a baseline; choose from: {', '.join(BASELINES)}")
     for protocol in study.get("probes") or []:
         if protocol not in PROTOCOLS:
             raise ConfigError(f"probes: {protocol!r} is not a protocol; choose from: {', '.join(PROTOCOLS)}")
@@ -161,15 +166,18 @@ def tokenizer_steps(study: dict, root: Path) -> list[Step]:
 
 
 def probe_steps(study: dict, cells: list[Step]) -> list[Step]:
-    """Each probe of each cell, with configs/probe/<protocol>_<data.name>.yaml when it exists."""
+    """Each probe of each cell, with configs/probe/<protocol>_<data.name>.yaml when it exists; the study's
+    baselines ride on the first cell's k-NN and linear probes."""
     dataset = _mapping(study.get("data"), "data").get("name", "digits")
     extra = _mapping(study.get("probe"), "probe")
     steps = []
-    for cell in cells:
+    for i, cell in enumerate(cells):
         for protocol in study.get("probes") or []:
             preset = Path(__file__).resolve().parent.parent / "configs" / "probe" / f"{protocol}_{dataset}.yaml"
             files = [str(preset)] if preset.is_file() else []
             overrides = _overrides(_mapping(extra.get(protocol), f"probe.{protocol}"), f"probe.{protocol}")
+            if i == 0 and protocol in ("knn", "linear"):  # the baselines do not depend on the cell: probe them once
+                overrides += [f"{protocol}.{b}=true" for b in study.get("baselines") or []]
             steps.append(Step(f"probe:{cell.name[5:]}:{protocol}", "probe", cell.out / f"probe_{protocol}", files,
                               overrides, [cell.name], protocol=protocol, cell=cell.name[5:]))
     return steps

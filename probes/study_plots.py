@@ -1,5 +1,5 @@
 """The study's figures (matplotlib's object API, as the token analysis draws them): accuracy per probe per cell
-with the random-init baseline as a line, TCAS/(C-1) against probe accuracy for the token cells (ClusterMIM's
+with the baselines (random init, raw pixels) as lines, TCAS/(C-1) against probe accuracy for the token cells (ClusterMIM's
 claim: lower TCAS, better encoder), probe accuracy against pretraining wall time, and the loss curves."""
 from __future__ import annotations
 
@@ -24,8 +24,11 @@ def accuracy_bars(rows: list[dict], base: dict) -> Figure:
     width = 0.8 / max(len(probes), 1)
     for i, p in enumerate(probes):
         ax.bar([j + i * width for j in range(len(rows))], [r.get(p) or 0 for r in rows], width, label=p)
-    if base.get("random_init_knn") is not None:
-        ax.axhline(base["random_init_knn"], color="k", ls="--", lw=1, label="k-NN, random init")
+    for (key, value), color in zip(base.items(), ("k", "0.4", "tab:red", "tab:purple")):
+        if value is not None:
+            name, protocol = key.rsplit("_", 1)
+            ax.axhline(value, color=color, ls="--" if protocol == "knn" else ":", lw=1,
+                       label=f"{protocol}, {name.replace('_', ' ')}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(rows))], [r["cell"] for r in rows], rotation=30)
     ax.set_ylabel("top-1 (%)")
     ax.legend(fontsize=7)

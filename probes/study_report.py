@@ -39,13 +39,17 @@ def cell_row(study: dict, cell: str, root: Path, tokens: dict) -> dict[str, Any]
 
 
 def baselines(root: Path, cells: list[str]) -> dict[str, float]:
-    """Random init: the k-NN of a random encoder of the same shape (any cell's k-NN probe reports it)."""
+    """The baselines any cell's probes report: a random-init encoder of the same shape and the raw pixels, under
+    k-NN and the linear probe ({"random_init_knn": ..., "pixels_linear": ...})."""
+    out = {}
     for cell in cells:
-        knn = _read(root / "cells" / cell / "probe_knn" / "metrics.json")
-        if "random_init" in knn:
-            k = knn.get("settings", {}).get("knn.k", 20)
-            return {"random_init_knn": knn["random_init"].get(f"top1_k{k}")}
-    return {}
+        for protocol in ("knn", "linear"):
+            m = _read(root / "cells" / cell / f"probe_{protocol}" / "metrics.json")
+            key = f"top1_k{m.get('settings', {}).get('knn.k', 20)}" if protocol == "knn" else "top1"
+            for name in ("random_init", "pixels"):
+                if isinstance(m.get(name), dict):
+                    out.setdefault(f"{name}_{protocol}", m[name].get(key))
+    return out
 
 
 def _fmt(v: Any) -> str:

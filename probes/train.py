@@ -15,6 +15,18 @@ from mimkit.loop import Loop, train_one_epoch
 from .context import ProbeRun
 
 
+class Prefixed:
+    """A TensorBoard writer whose tags carry a prefix (a baseline's curves beside the probe's own)."""
+
+    def __init__(self, writer, prefix: str):
+        self.writer, self.prefix = writer, prefix
+
+    def add_scalar(self, tag: str, *args, **kwargs) -> None:
+        self.writer.add_scalar(self.prefix + tag, *args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.writer, name)
+
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable, device: torch.device, precision: str = "auto") -> dict[str, float]:

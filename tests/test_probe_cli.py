@@ -134,3 +134,30 @@ def test_finetune_precision_bf16_reaches_the_model_and_its_loop(ckpt, tmp_path, 
     monkeypatch.setattr(finetune, "place_model", spy)
     probe("finetune", ckpt, tmp_path / "ft", "epochs=1", "data.limit=64", "data.test_limit=32", "precision=bf16")
     assert seen and set(a for a, _ in seen) == {True} and all(f == {False} for _, f in seen)
+
+
+def test_baselines_pixels_and_random_init(ckpt, tmp_path, capsys):
+    """k-NN on the raw pixels equals the k-NN of the flattened eval-transform images computed here; the linear
+    probe trains the same head on a random-init encoder and on the pixels, each reported beside the probe."""
+    from mimkit.data import Transformed, build_dataset, eval_transform
+    from mimkit.probes.knn import knn_accuracy
+    from mimkit.probes.run import build_probe_config
+    m = probe("knn", ckpt, tmp_path / "knn", "knn.pixels=true")
+    cfg, _ = build_probe_config("knn", str(ckpt), [], [])
+    flat = {}
+    for split in ("train", "test"):
+        ds = Transformed(build_dataset(cfg.data, split, cfg.data.limit if split == "train" else cfg.data.test_limit),
+                         eval_transform(cfg.data))
+        flat[split] = (torch.stack([x.flatten() for x, _ in ds]), torch.tensor([int(y) for _, y in ds]))
+    want = knn_accuracy(*flat["train"], *flat["test"], T=0.07)
+    assert m["pixels"]["top1_k20"] == pytest.approx(want["top1_k20"])
+    assert m["pixels"] != m["pretrained"]
+    m = probe("linear", ckpt, tmp_path / "lin", "epochs=3", "linear.random_init=true", "linear.pixels=true")
+    assert 0 <= m["random_init"]["top1"] <= 100 and 0 <= m["pixels"]["top1"] <= 100
+    assert "random init" in capsys.readouterr().out
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    tags = EventAccumulator(str(tmp_path / "lin" / "tb")).Reload().Tags()["scalars"]
+    assert {"test/top1", "random_init/test/top1", "pixels/test/top1"} <= set(tags)  # beside the probe's own
+    assert main(["probe", "linear", "--checkpoint", str(ckpt), f"output_dir={tmp_path / 'bad'}", "linear.pixels=true",
+                 "features.layer=1"]) == 2
+    assert "features.layer must be 0" in capsys.readouterr().err

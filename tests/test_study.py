@@ -10,7 +10,7 @@ from mimkit.config import ConfigError
 from mimkit.probes.study import load_study, plan, run_study
 
 TINY = {"data": {"name": "synthetic", "limit": 64, "test_limit": 32}, "budget": {"epochs": 1},
-        "overrides": ["batch_size=32"], "probes": ["knn"],
+        "overrides": ["batch_size=32"], "probes": ["knn"], "baselines": ["pixels"],
         "tokenizers": {"km": {"kind": "kmeans", "overrides": ["vocab_size=8", "kmeans.max_samples=2000"]}},
         "cells": {"mae": {"method": "mae"}, "clustermim": {"method": "clustermim", "tokenizer": "km"}}}
 
@@ -34,6 +34,18 @@ def test_plan_orders_teacher_tokenizer_cell_probes_and_analysis(tmp_path):
     assert f"teacher.name=mimkit:{tmp_path / 'study' / 'cells' / 'mae' / 'checkpoints' / 'last.pt'}" in \
         steps["tokenizer:vq"].overrides
     assert "data.name=synthetic" in steps["tokenizer:vq"].overrides and "epochs=1" in steps["cell:eva"].overrides
+
+
+def test_baselines_ride_on_the_first_cells_probes_only(tmp_path):
+    study = dict(TINY, probes=["knn", "linear"], baselines=["random_init", "pixels"])
+    steps = {s.name: s for s in plan(load_study(write(tmp_path, study)))}
+    first, other = "clustermim", "mae"  # the file's order (safe_dump sorts the cells)
+    assert {"knn.random_init=true", "knn.pixels=true"} <= set(steps[f"probe:{first}:knn"].overrides)
+    assert {"linear.random_init=true", "linear.pixels=true"} <= set(steps[f"probe:{first}:linear"].overrides)
+    assert not any("pixels" in o or "random_init" in o
+                   for o in steps[f"probe:{other}:knn"].overrides + steps[f"probe:{other}:linear"].overrides)
+    with pytest.raises(ConfigError, match="'raw'.*random_init, pixels"):
+        load_study(write(tmp_path, dict(TINY, baselines=["raw"])))
 
 
 def test_a_cell_reads_its_config_file_before_its_overrides(tmp_path):
@@ -89,7 +101,8 @@ def test_tiny_study_runs_skips_reruns_and_resumes(tmp_path):
     assert rows["clustermim"]["discrete"] and not rows["mae"]["discrete"] and rows["mae"]["family"] == "pixels"
     assert all(r["knn"] is not None and r["train_seconds"] > 0 for r in rows.values())
     assert rows["clustermim"]["tcas_norm"] is not None and rows["mae"]["tcas_norm"] is None
-    assert "random_init_knn" in first["baselines"]
+    assert {"random_init_knn", "pixels_knn"} <= set(first["baselines"])  # synthetic preset / the study's baseline
+    assert "pixels_knn" in (root / "study.md").read_text()
     assert json.loads((root / "study.json").read_text())["rows"][0]["cell"] in rows
     assert "| clustermim |" in (root / "study.md").read_text()
     for name in ("accuracy", "loss_curves", "tcas_vs_accuracy", "accuracy_vs_time"):
