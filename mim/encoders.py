@@ -67,4 +67,6 @@ def random_encoder(model_cfg: ModelConfig, img_size: int, seed: int) -> ViT:
     """A random-init encoder of the same shape: the init a pretraining run with this seed started from."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
+        if hasattr(model_cfg, "random_init"):  # a timm / OpenCLIP probe encoder: its architecture, fresh weights
+            return model_cfg.random_init()
         return build_encoder(model_cfg, img_size)

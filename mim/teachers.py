@@ -27,6 +27,7 @@ from .data import dataset_stats
 from .encoders import load_encoder
 from .images import renormalize, resize
 from .vit import ModelConfig, build_encoder
+from .weights import timm_state
 
 SOURCES = ("timm", "openclip", "mimkit")
 
@@ -250,8 +251,10 @@ def _load(name: str, weights: str, img_size: int) -> Teacher:
             detail = (str(e).splitlines()[1:2] or [str(e)])[0].strip()[:200]
             raise CheckpointError(f"teacher weights {weights} do not fit openclip:{rest} ({detail})") from None
         return teacher.eval()
-    teacher = Teacher({"source": "timm", "name": rest, "kwargs": {"img_size": img_size} if img_size else {}})
-    _load_timm_state(teacher.model, read_state_dict(weights), weights)
+    state, kwargs = timm_state(weights)  # an official format converted, or a mimkit export's shape
+    teacher = Teacher({"source": "timm", "name": rest, "kwargs": {**kwargs, **({"img_size": img_size} if img_size
+                                                                              else {})}})
+    _load_timm_state(teacher.model, state, weights)
     return teacher.eval()
 
 
@@ -268,3 +271,72 @@ def _load_timm_state(model: nn.Module, state: dict, path: str) -> None:
     if missing:
         raise CheckpointError(f"teacher weights {path} do not fit the model: missing {', '.join(missing[:5])}"
                               f"{' ...' if len(missing) > 5 else ''}")
+
+
+class ProbeEncoder(nn.Module):
+    """A timm or OpenCLIP model (a `Teacher`, the same loader) seen as a probe's encoder: images normalized with
+    `stats` -> tokens [B, 1 + n, D] whose first slot is the model's own pooled feature (timm: `forward_head(...,
+    pre_logits=True)`, e.g. the normed CLS token of a MAE ViT, the mean of I-JEPA's; OpenCLIP: the projected
+    image embedding) and whose other slots are its patch features (`Teacher.tokens`). `features.pool=cls` thus
+    probes what the model itself pools, `mean` the mean of its patch features."""
+
+    def __init__(self, teacher: Teacher, stats: tuple):
+        super().__init__()
+        self.teacher, self.stats = teacher, stats
+        self.depth = len(teacher.blocks())
+
+    def train(self, mode: bool = True) -> "ProbeEncoder":
+        return super().train(False)
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + n, D]: the pooled feature, then the patch features, of images at the model's input size and
+        normalization, from one forward."""
+        model = self.teacher.model
+        if self.teacher.spec["source"] == "openclip":
+            pooled, tokens = model(x)
+            proj = getattr(model, "proj", None)
+            tokens = tokens @ proj if proj is not None else tokens
+        else:
+            feats = model.forward_features(x)
+            pooled = model.forward_head(feats, pre_logits=True)
+            tokens = (feats.flatten(2).transpose(1, 2) if feats.dim() == 4  # CNN feature map [B, C, h, w]
+                      else feats[:, getattr(model, "num_prefix_tokens", 1):])
+        return torch.cat([pooled.unsqueeze(1), tokens], dim=1)
+
+    def forward(self, x: torch.Tensor, return_layers: tuple[int, ...] = ()) -> torch.Tensor | tuple:
+        """Tokens [B, 1 + n, D]; with `return_layers` (0-based blocks) also those blocks' raw tokens, the block's
+        first token (CLS; the patch mean for a model without one) in the first slot."""
+        x = self.teacher.prepare(x, self.stats)
+        if not return_layers:
+            return self.tokens(x)
+        seen = {}
+        blocks = self.teacher.blocks()
+        handles = [blocks[i].register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(i, out))
+                   for i in return_layers]
+        try:
+            tokens = self.tokens(x)
+        finally:
+            for h in handles:
+                h.remove()
+        return tokens, [self.first_and_patches(seen[i]) for i in return_layers]
+
+    def first_and_patches(self, out: torch.Tensor) -> torch.Tensor:
+        """A block's raw output -> [B, 1 + n, D]: its first token (or the patch mean), then its patch tokens."""
+        model, source = self.teacher.model, self.teacher.spec["source"]
+        if source == "openclip" and not getattr(model.transformer, "batch_first", True):
+            out = out.transpose(0, 1)  # older open_clip runs its blocks on [L, B, D]
+        prefix = getattr(model, "num_prefix_tokens", 1) if source == "timm" else 1
+        first = out[:, :1] if prefix else out.mean(dim=1, keepdim=True)
+        return torch.cat([first, out[:, prefix:]], dim=1)
+
+    def random_init(self) -> "ProbeEncoder":
+        """The same architecture with fresh weights (the random-init baseline)."""
+        return ProbeEncoder(Teacher(self.teacher.spec), self.stats)
+
+
+def load_probe_encoder(name: str, weights: str, stats: tuple) -> ProbeEncoder:
+    """`timm:<model>` or `openclip:<model>` with its local weights as a probe's encoder of images normalized with
+    stats=(mean, std) (they are renormalized and resized to the model's own)."""
+    if name.partition(":")[0] not in ("timm", "openclip"):
+        raise ConfigError(f"checkpoint {name!r}: a model spec is timm:<model> or openclip:<model> (with --weights)")
+    return ProbeEncoder(load_teacher(name, weights), stats)

@@ -9,8 +9,10 @@ import torch
 
 from mimkit import checkpoint, dist, rundir
 from mimkit.config import ConfigError, flatten, to_dict
-from mimkit.data import build_dataset
-from mimkit.encoders import load_encoder
+from mimkit.convert import load_pretrain
+from mimkit.data import build_dataset, dataset_stats
+from mimkit.encoders import EncoderSpec, load_encoder
+from mimkit.teachers import load_probe_encoder
 from mimkit.loop import RunLog, write_metrics
 
 from .config import ProbeRunConfig, default_output_dir, probe_config, validate
@@ -32,7 +34,15 @@ def build_probe_config(protocol: str, checkpoint_path: str = "", files: list[str
                          else overrides)
     if not first.checkpoint:
         raise ConfigError("a checkpoint is required: --checkpoint runs/<run>/checkpoints/last.pt")
-    ckpt = checkpoint.load(first.checkpoint, "pretrain")
+    if is_model_spec(first.checkpoint):
+        if not first.weights:
+            raise ConfigError(f"checkpoint={first.checkpoint} needs weights: --weights FILE, a local weights file "
+                              f"(nothing is downloaded)")
+        return first, None
+    if first.weights:
+        raise ConfigError("weights is for --checkpoint timm:<model> or openclip:<model>; a mimkit or official "
+                          "checkpoint file holds its own weights")
+    ckpt = load_pretrain(first.checkpoint)  # a mimkit checkpoint, or an official one converted
     if not isinstance(ckpt.get("config"), dict):
         raise checkpoint.CheckpointError(f"{first.checkpoint} has no stored config; "
                                          f"is it a mimkit pretraining checkpoint?")
@@ -52,18 +62,36 @@ def prepare_output_dir(cfg, default: Path, what: str = "a probe run", result_fil
     return rundir.write(out, cfg, overwrite=True, files=result_files)
 
 
+def is_model_spec(name: str) -> bool:
+    """`timm:<model>` / `openclip:<model>`: a model timm or open_clip builds, with its weights from a file."""
+    return name.partition(":")[0] in ("timm", "openclip") and ":" in name
+
+
+def probe_encoder(cfg: ProbeRunConfig, ckpt: dict | None) -> tuple:
+    """(encoder, its EncoderSpec, checkpoint): a mimkit checkpoint's encoder, or a timm / OpenCLIP model (no
+    checkpoint) loaded by the teachers' loader, seeing the probe's images in its own normalization and size."""
+    if not is_model_spec(cfg.checkpoint):
+        return load_encoder(cfg.checkpoint, cfg.data.img_size, ckpt, cfg.encoder)
+    if cfg.encoder != "student":
+        raise ConfigError(f"encoder={cfg.encoder} needs a mimkit checkpoint; {cfg.checkpoint} has one encoder")
+    encoder = load_probe_encoder(cfg.checkpoint, cfg.weights, dataset_stats(cfg.data.name))
+    return encoder, EncoderSpec(encoder, cfg.data, cfg.checkpoint, cfg.seed), {}
+
+
 def run_probe(cfg: ProbeRunConfig, ckpt: dict | None = None) -> dict:
     """Run cfg.protocol and write <output_dir>/metrics.json; returns the metrics. `ckpt`: cfg.checkpoint's
-    content, if already loaded."""
-    encoder, pretrain_cfg, ckpt = load_encoder(cfg.checkpoint, cfg.data.img_size, ckpt, cfg.encoder)
+    content, if already loaded (None for a timm: / openclip: model)."""
+    encoder, pretrain_cfg, ckpt = probe_encoder(cfg, ckpt)
     validate(cfg, encoder.depth)
     device = dist.init(cfg.device)
     num_classes = len(build_dataset(cfg.data, "test").classes)  # data errors before anything is written
     torch.manual_seed(cfg.seed)
-    out = prepare_output_dir(cfg, default_output_dir(cfg))
+    out = prepare_output_dir(cfg, default_output_dir(cfg) if ckpt else Path(cfg.weights).parent /
+                             f"probe_{cfg.protocol}_{cfg.data.name}_{cfg.checkpoint.replace(':', '_')}")
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(out / "tb"))
-    ckpt_id = checkpoint_id(cfg.checkpoint) + ("" if cfg.encoder == "student" else f"+{cfg.encoder}")  # cache key
+    ckpt_id = (checkpoint_id(cfg.checkpoint) if ckpt else f"{cfg.checkpoint}+{checkpoint_id(cfg.weights)}") + (
+        "" if cfg.encoder == "student" else f"+{cfg.encoder}")  # cache key
     run = ProbeRun(cfg, encoder.to(device), pretrain_cfg, device, out, RunLog(out), writer, ckpt_id, num_classes)
     rep = f"{cfg.features.pool} features{f' of block {cfg.features.layer}' if cfg.features.layer else ''}, "
     run.log(f"{cfg.protocol} probe of {cfg.checkpoint} ({pretrain_cfg.method or 'unknown method'}, epoch "

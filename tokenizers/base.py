@@ -27,6 +27,7 @@ from mimkit.data import dataset_stats
 from mimkit.images import resize
 from mimkit.registry import registrar
 from mimkit.teachers import Teacher
+from mimkit.weights import read_tokenizer_safetensors
 
 TOKENIZERS: dict[str, type["Tokenizer"]] = {}
 register_tokenizer = registrar(TOKENIZERS, attr="kind")  # a file's `kind` and the config's kind=<kind> name it
@@ -136,7 +137,9 @@ class Tokenizer(nn.Module, ABC):
     @staticmethod
     def load(path: str | Path) -> "Tokenizer":
         """Rebuild a tokenizer from its file (weights_only=True: no pickled code runs)."""
-        ckpt = checkpoint.load(path, kind="tokenizer")
+        # an export (`mimkit export --format safetensors`) carries its kind and config as metadata
+        ckpt = (read_tokenizer_safetensors(path) if Path(path).suffix == ".safetensors"
+                else checkpoint.load(path, kind="tokenizer"))
         cls = tokenizer_class(ckpt.get("kind"), f"{path}: stored kind")
         tok = cls(**ckpt["config"])
         try:
