@@ -1,5 +1,5 @@
-"""`mimkit tokenizer train --config configs/tokenizer/<kind>_*.yaml [key=value ...]` and
-`mimkit tokenizer info FILE`.
+"""`mimkit tokenizer train --config configs/tokenizer/<kind>_*.yaml [key=value ...]`, `mimkit tokenizer info FILE`
+and `mimkit tokenizer import --kind vqkd FILE OUT`.
 
 Outside the mimkit.tokenizers package: importing any module of it registers every kind, which imports torch;
 the parsers here import nothing until a command runs (the help lists the kinds from `registry_names`)."""
@@ -16,6 +16,7 @@ EXAMPLES = """examples:
   mimkit tokenizer train --config configs/tokenizer/dvae_digits.yaml epochs=20
   mimkit tokenizer train --config configs/tokenizer/vqkd_digits.yaml teacher.name=mimkit:runs/x/checkpoints/last.pt
   mimkit tokenizer info runs/tokenizer_kmeans_digits/tokenizer.pt
+  mimkit tokenizer import --kind vqkd vqkd_encoder_base_decoder_3x768x12_clip.pth vqkd_clip.pt
 then: mimkit pretrain --config configs/pretrain/clustermim_digits.yaml"""
 
 
@@ -45,6 +46,16 @@ def cmd_info(args) -> int:
     return 0
 
 
+def cmd_import(args) -> int:
+    from mimkit.tokenizers.vqkd_official import import_vqkd
+    tok = import_vqkd(args.file)
+    tok.save(args.out, {"imported_from": str(Path(args.file))})
+    print(f"{args.file}: BEiT v2 VQ-KD ({tok.vocab_size} x {tok.args['code_dim']} codebook, {tok.args['depth']}-block "
+          f"encoder, {tok.args['decoder_depth']}-block decoder, {tok.grid}x{tok.grid} tokens at {tok.img_size}px) -> "
+          f"{args.out}; use it with: mimkit pretrain method=beitv2 target.tokens.tokenizer={args.out}")
+    return 0
+
+
 def add_commands(subparsers) -> None:
     p = subparsers.add_parser("tokenizer", help=lambda: f"train or inspect tokenizers ({kinds()})")
     sub = p.add_subparsers(dest="tokenizer_command", required=True, parser_class=Parser)
@@ -56,3 +67,9 @@ def add_commands(subparsers) -> None:
     i = sub.add_parser("info", help="print a tokenizer file's kind, grid, vocabulary and settings")
     i.add_argument("file")
     i.set_defaults(func=cmd_info)
+    m = sub.add_parser("import", help="turn an official tokenizer checkpoint into a mimkit tokenizer file "
+                                      "(vqkd: BEiT v2's released VQ-KD)")
+    m.add_argument("--kind", required=True, choices=("vqkd",), help="the official format (vqkd: microsoft/unilm beit2)")
+    m.add_argument("file", metavar="FILE", help="the official checkpoint (local; nothing is downloaded)")
+    m.add_argument("out", metavar="OUT", help="the mimkit tokenizer file to write (.pt)")
+    m.set_defaults(func=cmd_import)
