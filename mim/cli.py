@@ -40,8 +40,9 @@ def pretrain_epilog() -> str:
 
 
 def cmd_pretrain(args) -> int:
-    from .methods import pretrain_config
-    cfg = pretrain_config(args.config, args.overrides)  # a mistake stops here, before the engine and probes load
+    from .pretrain_config import pretrain_config, validate
+    cfg = pretrain_config(args.config, args.overrides)
+    validate(cfg)  # a mistake stops here, before torch, the engine and the probes load
     from mimkit.probes.knn import closing_probe  # the CLI layer: the engine never imports the probes
 
     from .engine import train

@@ -101,7 +101,7 @@ def run(func, args) -> int:
     try:
         return func(args) or 0
     except Exception as e:  # an error class's module is imported by the time one of them is raised
-        if not isinstance(e, user_errors()) or getattr(args, "debug", False):
+        if not isinstance(e, ConfigError) and not isinstance(e, user_errors()) or getattr(args, "debug", False):
             raise
         sys.stderr.write(f"error: {e}\n")
         return 2

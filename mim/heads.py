@@ -12,26 +12,18 @@ checkpoints load), and optionally its own config section (`Config`, named after 
 Heads register with `@register_head(name)`."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .config import ConfigError
+from .parts import HEAD_SECTIONS, ConvDecoderConfig, DecoderConfig, PredictorConfig
 from .registry import registrar
 from .vit import ViT, init_weights, make_blocks, sincos_pos_embed, visible_first
 
 HEADS: dict[str, type[nn.Module]] = {}
-register_head = registrar(HEADS)
-
-
-@dataclass
-class DecoderConfig:
-    """MAE's decoder (the `decoder` section); MAE ViT-B: 8 blocks of width 512, 16 heads."""
-    depth: int = 8
-    embed_dim: int = 512
-    num_heads: int = 16
+register_head = registrar(HEADS, sections=HEAD_SECTIONS)
 
 
 def token_trunk(module: nn.Module, grid: int, embed_dim: int, dim: int, depth: int, num_heads: int,
@@ -117,17 +109,6 @@ class MaskedLinearHead(LinearHead):
         return nn.functional.linear(tokens[:, 1:][mask], self.weight, self.bias)
 
 
-@dataclass
-class ConvDecoderConfig:
-    """data2vec 2.0's image decoder (the `conv_decoder` section; fairseq Decoder2d): ViT-B 6 layers of width 768,
-    kernel 3, 16 groups; masked slots start as Gaussian noise of std 0.01 (mask_noise_std)."""
-    depth: int = 6
-    embed_dim: int = 0  # 0: the encoder's width (768 at ViT-B)
-    kernel: int = 3
-    groups: int = 16
-    noise_std: float = 0.01
-
-
 @register_head("conv_decoder")
 class ConvDecoder(nn.Module):
     """Visible tokens back in their grid slots, masked slots noise; `depth` layers of grouped conv (same padding),
@@ -171,14 +152,6 @@ class ConvDecoder(nn.Module):
         return self.proj(x.flatten(2).transpose(1, 2))
 
     dense = forward
-
-
-@dataclass
-class PredictorConfig:
-    """I-JEPA's predictor (the `predictor` section); ViT-H/14: 12 blocks of width 384 (pred_depth, pred_emb_dim)."""
-    depth: int = 12
-    embed_dim: int = 384
-    num_heads: int = 0  # 0: the encoder's number of heads (I-JEPA)
 
 
 @register_head("predictor")

@@ -25,7 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-GRADIENTS = ("sobel", "central")
+from .parts import GRADIENTS
+
 CPU_CHUNK_VALUES = 2 ** 19  # pixels + histogram slots per chunk on CPU (see histograms)
 
 

@@ -14,35 +14,12 @@ from __future__ import annotations
 
 import math
 import random
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from .config import ConfigError, check_range, choices
-
-MASK_KINDS = ("random", "grid", "block", "inverse_block", "multiblock")
-
-
-@dataclass
-class MaskConfig:
-    kind: str = choices(*MASK_KINDS, default="")  # named by each method's recipe
-    ratio: float = 0.75
-    patch_px: int = 32  # SimMIM: side of a mask unit in pixels (grid masks)
-    min_block: int = 16  # BEiT: smallest block in patches at 14x14; scaled with the grid
-    min_aspect: float = 0.3  # BEiT: block aspect ratio in [min_aspect, 1/min_aspect]
-    exact: bool = True  # block masks: fill or trim to exactly ratio * N patches
-    # inverse_block (data2vec 2.0 image config): mask.ratio is the masked share (0.8)
-    block_len: int = 3  # side of a square of visible patches at 14x14; scale it with the grid
-    prob_adjust: float = 0.07  # mask_prob_adjust: extra visible squares before trimming to the exact count
-    clones: int = 1  # masks per image (clone_batch: 16); the teacher runs once for all of them
-    # multiblock (I-JEPA, configs/in1k_vith14_ep300.yaml)
-    num_targets: int = 4
-    target_scale: tuple[float, float] = (0.15, 0.2)  # share of the grid per target block
-    target_aspect: tuple[float, float] = (0.75, 1.5)  # target block height / width
-    context_scale: tuple[float, float] = (0.85, 1.0)  # the context block (square) before the targets are cut out
-    min_keep: int = 10  # a block (and the context after the cut) keeps more than this many patches
-
+from .config import ConfigError, check_range
+from .sections import MASK_KINDS, MaskConfig  # noqa: F401  (re-exported)
 
 class RandomMask:
     """MAE: uniform noise, argsort, mask all but the first int(N * (1 - ratio)) patches."""

@@ -14,7 +14,6 @@ inside its own file.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -26,21 +25,9 @@ from .config import ConfigError, known_fields, to_dict
 from .data import dataset_stats
 from .encoders import load_encoder
 from .images import renormalize, resize
+from .parts import SOURCES, TeacherConfig  # noqa: F401  (TeacherConfig re-exported)
 from .vit import ModelConfig, build_encoder
 from .weights import timm_state
-
-SOURCES = ("timm", "openclip", "mimkit")
-
-
-@dataclass
-class TeacherConfig:
-    """The `teacher` section of every command that uses a teacher."""
-    name: str = ""  # timm:<model> | openclip:<model> | mimkit:<pretrain checkpoint>
-    weights: str = ""  # local weights file (timm, openclip); nothing is downloaded
-    img_size: int = 0  # timm: teacher input size (0 = the model's default)
-    # 0: the teacher's output features (after its final norm; OpenCLIP: after ln_post and the projection);
-    # k: the raw tokens of block k (1-based), -1: of the last block (MaskDistill's target)
-    layer: int = 0
 
 
 class Teacher(nn.Module):

@@ -10,7 +10,6 @@ encoder exports to timm by dropping `mask_token`.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -19,35 +18,7 @@ from timm.layers.pos_embed_sincos import build_sincos2d_pos_embed
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from .config import choices
-
-ARCHS: dict[str, dict[str, int]] = {
-    "vit_mini": dict(embed_dim=128, depth=6, num_heads=4),  # CPU preset for the embedded digits
-    "vit_tiny": dict(embed_dim=192, depth=12, num_heads=3),
-    "vit_small": dict(embed_dim=384, depth=12, num_heads=6),
-    "vit_base": dict(embed_dim=768, depth=12, num_heads=12),
-    "vit_large": dict(embed_dim=1024, depth=24, num_heads=16),
-}
-
-
-@dataclass
-class ModelConfig:
-    """The encoder (the `model` section)."""
-    arch: str = choices(*ARCHS, default="vit_base")
-    patch_size: int = 16
-    # 0 = take the value from `arch`
-    depth: int = 0
-    embed_dim: int = 0
-    num_heads: int = 0
-    mlp_ratio: float = 4.0
-    drop_path: float = 0.0
-    layer_scale: float = 0.0  # LayerScale init value (BEiT: 0.1); 0 = off
-
-    def resolved(self) -> dict[str, int]:
-        """embed_dim/depth/num_heads after applying the arch preset to the zero fields."""
-        base = ARCHS[self.arch]
-        return {k: (getattr(self, k) or base[k]) for k in base}
-
+from .sections import ARCHS, ModelConfig  # noqa: F401  (re-exported)
 
 def sincos_pos_embed(grid: int, dim: int, cls_token: bool = True) -> torch.Tensor:
     """Fixed 2-D sin-cos positions [1, (1+) grid*grid, dim]; the CLS slot gets zeros (as in MAE)."""

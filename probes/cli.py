@@ -19,6 +19,9 @@ examples:
 
 
 def cmd_probe(args) -> int:
+    from .config import probe_config
+    probe_config(args.protocol, args.config, args.overrides)  # a mistake stops here, before torch loads
+
     from .run import build_probe_config, run_probe
     weights = [f"weights={args.weights}"] if args.weights else []
     cfg, ckpt = build_probe_config(args.protocol, args.checkpoint, args.config, [*args.overrides, *weights])

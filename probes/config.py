@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from mimkit.config import DEVICES, PRECISIONS, ConfigError, build_config, check_range, choices
-from mimkit.data import DataConfig, validate_data
+from mimkit.sections import DataConfig, validate_data
 
 KNN_KS = (10, 20, 100, 200)  # always reported (DINO)
 

@@ -82,3 +82,87 @@ def test_registry_names_live_once_imported(monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", "/nonexistent")
     monkeypatch.setattr(commands, "collect_registry_names", lambda: {"live": True})
     assert commands.registry_names() == {"live": True}
+
+
+# Runs `mimkit ARGV` for each command line in argv[1] (JSON) and reports the exit codes, stderr and torch's presence.
+RUN_EVERY_LINE = r"""
+import contextlib, io, json, sys
+from mimkit.cli import main
+
+runs = {}
+for argv in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        try:
+            code = main(argv)
+        except SystemExit as e:
+            code = e.code
+    runs[" ".join(argv)] = [code, err.getvalue()]
+print(json.dumps({"torch": "torch" in sys.modules, "runs": runs}))
+"""
+
+# A mistake in a key, a type, a choice or a range of each command that builds its config before it runs, and a
+# word its one error line names.
+CONFIG_MISTAKES = {
+    "pretrain optim.bllr=1": "optim.blr",
+    "pretrain epochs=many": "epochs must be an integer",
+    "pretrain method=maee": "did you mean mae",
+    "pretrain data.name=digits target.kind=pixel": "did you mean pixels",
+    "pretrain epochs=0": "epochs=0 is out of range",
+    "pretrain decoder.embed_dim=100 decoder.num_heads=16": "decoder.embed_dim=100 is not divisible",
+    "pretrain target.pixels.norm=true": "target.pixels.norm_pix",
+    "probe knn --checkpoint runs/x/checkpoints/last.pt knn.kk=5": "knn.k",
+    "probe linear --checkpoint runs/x/checkpoints/last.pt data.name=digit": "did you mean digits",
+}
+
+
+def test_config_errors_print_without_torch(tmp_path):
+    lines = [line.split() for line in CONFIG_MISTAKES]
+    r = subprocess.run([sys.executable, "-c", RUN_EVERY_LINE, json.dumps(lines)], capture_output=True, text=True,
+                       cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    seen = json.loads(r.stdout)
+    for line, word in CONFIG_MISTAKES.items():
+        code, err = seen["runs"][line]
+        assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and word in err, (line, err)
+    assert not seen["torch"]
+
+
+# The pretraining config's class, recipes and presets as plain data: what `mimkit pretrain` sees.
+DESCRIBE_CONFIG = r"""
+import dataclasses, json, sys
+from mimkit.pretrain_config import config_class
+from mimkit.parts import HEAD_SECTIONS, LOSS_NAMES, METHOD_SECTIONS, RECIPES, TARGET_SECTIONS
+from mimkit.sections import DATA_PRESETS, DATASETS, MASK_KINDS
+
+def tree(cls):
+    return [[f.name, str(f.type), f.default if f.default is not dataclasses.MISSING else None,
+             list(f.metadata.get("choices", ())),
+             tree(f.default_factory) if dataclasses.is_dataclass(f.default_factory) else None]
+            for f in dataclasses.fields(cls)]
+
+if len(sys.argv) > 1:
+    import mimkit.methods  # the registries, filled by the parts' modules
+print(json.dumps({"torch": "torch" in sys.modules, "config": tree(config_class()), "recipes": RECIPES,
+                  "presets": DATA_PRESETS, "heads": list(HEAD_SECTIONS), "targets": list(TARGET_SECTIONS),
+                  "methods": list(METHOD_SECTIONS), "losses": LOSS_NAMES, "masks": MASK_KINDS,
+                  "datasets": list(DATASETS)}, default=str))
+"""
+
+
+def test_config_tables_are_the_registries():
+    """The config built without importing the parts (mimkit.parts, mimkit.sections) is the one built after the
+    registries are filled: same sections, keys, defaults, choices and recipes; the tables list what is registered,
+    in registration order."""
+    light, full = (json.loads(subprocess.run([sys.executable, "-c", DESCRIBE_CONFIG, *extra], capture_output=True,
+                                             text=True, check=True).stdout) for extra in ([], ["registries"]))
+    assert not light.pop("torch") and full.pop("torch")
+    assert light == full
+    from mimkit.data import DATASETS
+    from mimkit.heads import HEADS
+    from mimkit.losses import LOSSES
+    from mimkit.methods import METHODS
+    from mimkit.targets import TARGETS
+    assert full["heads"] == list(HEADS) and full["targets"] == list(TARGETS) and full["methods"] == list(METHODS)
+    assert full["losses"] == list(LOSSES) and full["datasets"] == list(DATASETS)
+    assert all(json.loads(json.dumps(cls.recipe)) == full["recipes"][name] for name, cls in METHODS.items())

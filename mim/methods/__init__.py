@@ -10,7 +10,7 @@ from .clustermim import ClusterMIM  # isort: skip
 from .eva import EVA, MILAN, MaskDistill  # isort: skip
 from .data2vec2 import Data2Vec2  # isort: skip
 from .ijepa import IJEPA  # isort: skip
-from .config import config_class, pretrain_config, validate  # isort: skip
+from mimkit.pretrain_config import config_class, pretrain_config, validate  # isort: skip
 
 __all__ = ["METHODS", "Method", "build_method", "register_method", "config_class", "pretrain_config", "validate",
            "MAE", "SimMIM", "MaskFeat", "BEiT", "BEiTv2", "ClusterMIM", "EVA", "MaskDistill", "MILAN",

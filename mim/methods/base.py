@@ -17,13 +17,14 @@ from torch import nn
 from mimkit.config import ConfigError
 from mimkit.heads import HEADS
 from mimkit.losses import LOSSES
+from mimkit.parts import METHOD_SECTIONS, RECIPES
 from mimkit.registry import registrar
 from mimkit.targets import TARGETS, TargetContext, build_target
 from mimkit.targets.ema import EMATeacher
 from mimkit.vit import build_encoder
 
 METHODS: dict[str, type["Method"]] = {}
-register_method = registrar(METHODS)
+register_method = registrar(METHODS, sections=METHOD_SECTIONS, recipes=RECIPES)
 
 
 def target_context(cfg) -> TargetContext:

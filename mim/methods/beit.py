@@ -9,11 +9,10 @@ goes through the encoder, and a linear head over the tokenizer's vocabulary pred
   main CE + auxiliary CE."""
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
 from mimkit.config import ConfigError
+from mimkit.parts import RECIPES, BEiTv2Config
 from mimkit.vit import make_blocks
 
 from .base import Method, register_method
@@ -21,20 +20,7 @@ from .base import Method, register_method
 
 @register_method("beit")
 class BEiT(Method):
-    recipe = {
-        "head": "masked_linear", "target.kind": "tokens", "loss": "ce", "mask.kind": "block", "mask.ratio": 0.4,
-        "model.layer_scale": 0.1, "model.drop_path": 0.1,
-        # lr 1.5e-3 at batch 2048, AdamW (0.9, 0.98), wd 0.05, 10 warmup epochs, clip 3.0, crops 0.08-1 (BEiT;
-        # BEiT v2 ViT-B/16 the same)
-        "optim.blr": 1.5e-3, "optim.lr_batch_ref": 2048, "optim.betas": [0.9, 0.98], "optim.warmup_epochs": 10,
-        "optim.clip_grad": 3.0, "data.crop_scale": [0.08, 1.0],
-    }
-
-
-@dataclass
-class BEiTv2Config:
-    aux_layer: int = 0  # block (1-based) whose patch tokens feed the auxiliary head; 0 = depth // 2
-    aux_depth: int = 2  # blocks of the auxiliary head
+    recipe = RECIPES["beit"]
 
 
 @register_method("beitv2")

@@ -3,9 +3,11 @@ patch, the id of its nearest k-means center (K logits per patch), trained with c
 
 The centers come from a tokenizer file (`target.tokens.tokenizer`, made by `mimkit tokenizer train` with
 configs/tokenizer/kmeans_*.yaml) fitted on raw patch pixels or on a frozen teacher's patch features."""
+from mimkit.parts import RECIPES
+
 from .base import Method, register_method
 
 
 @register_method("clustermim")
 class ClusterMIM(Method):
-    recipe = {"head": "decoder", "target.kind": "tokens", "loss": "ce", "mask.kind": "random"}
+    recipe = RECIPES["clustermim"]

@@ -18,18 +18,12 @@ blocks are post-LN; mimkit's encoder is the same pre-LN ViT for every method.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-
 import torch
 
 from mimkit.config import check_range
+from mimkit.parts import RECIPES, Data2Vec2Config
 
 from .base import Method, register_method
-
-
-@dataclass
-class Data2Vec2Config:
-    cls_loss: float = 0.01  # weight of the CLS regression to the image's mean target; 0 = off
 
 
 def feature_std(x: torch.Tensor) -> torch.Tensor:
@@ -41,14 +35,7 @@ def feature_std(x: torch.Tensor) -> torch.Tensor:
 @register_method("data2vec2")
 class Data2Vec2(Method):
     Config = Data2Vec2Config
-    recipe = {
-        "head": "conv_decoder", "target.kind": "ema", "loss": "mse",
-        "mask.kind": "inverse_block", "mask.ratio": 0.8, "mask.clones": 16,
-        "target.ema.momentum": 0.9998, "target.ema.momentum_end": 0.99999, "target.ema.anneal_end": 100000 / 375300,
-        "target.ema.top_k": 10, "target.ema.instance_norm": True, "target.ema.norm": "layernorm",
-        "optim.blr": 1e-3, "optim.lr_batch_ref": 256, "optim.betas": [0.9, 0.95], "optim.weight_decay": 0.05,
-        "optim.warmup_epochs": 10, "optim.clip_grad": 4.0,
-    }
+    recipe = RECIPES["data2vec2"]
 
     def __init__(self, cfg):
         super().__init__(cfg)

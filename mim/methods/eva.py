@@ -14,25 +14,21 @@ features at the masked positions instead of their token ids (`target.kind=teache
   teacher's features at masked positions with the cosine loss; not MILAN's prompting decoder or its
   attention-guided masking. It lets drop and mask-token encoders be compared under one teacher.
 """
+from mimkit.parts import RECIPES
+
 from .base import Method, register_method
-from .beit import BEiT
 
 
 @register_method("eva")
 class EVA(Method):
-    recipe = {
-        "head": "masked_linear", "target.kind": "teacher", "loss": "cosine", "mask.kind": "block", "mask.ratio": 0.4,
-        "model.drop_path": 0.1, "optim.blr": 1e-3, "optim.lr_batch_ref": 4096, "optim.betas": [0.9, 0.98],
-        "optim.warmup_epochs": 2, "optim.min_lr": 1e-5, "optim.clip_grad": 3.0,
-    }
+    recipe = RECIPES["eva"]
 
 
 @register_method("maskdistill")
 class MaskDistill(Method):
-    recipe = {**BEiT.recipe, "target.kind": "teacher", "loss": "smooth_l1", "target.teacher.layer": -1,
-              "target.teacher.norm": "layernorm"}
+    recipe = RECIPES["maskdistill"]
 
 
 @register_method("milan")
 class MILAN(Method):
-    recipe = {"head": "decoder", "target.kind": "teacher", "loss": "cosine", "mask.kind": "random"}
+    recipe = RECIPES["milan"]

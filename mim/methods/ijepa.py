@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import torch
 
+from mimkit.parts import RECIPES
+
 from .base import Method, register_method
 from .data2vec2 import feature_std
 
@@ -30,13 +32,7 @@ def first_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
 @register_method("ijepa")
 class IJEPA(Method):
     mask_sets = True
-    recipe = {
-        "head": "predictor", "target.kind": "ema", "loss": "smooth_l1", "mask.kind": "multiblock",
-        "target.ema.momentum": 0.996, "target.ema.momentum_end": 1.0, "target.ema.top_k": 0,
-        "target.ema.norm": "layernorm",
-        "optim.blr": 1e-3, "optim.lr_batch_ref": 2048, "optim.betas": [0.9, 0.999], "optim.weight_decay": 0.04,
-        "optim.warmup_epochs": 40, "optim.min_lr": 1e-6, "data.crop_scale": [0.3, 1.0], "data.hflip": False,
-    }
+    recipe = RECIPES["ijepa"]
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> dict:
         """imgs [B, C, H, W]; mask [B, 1 + T, N]: row 0 the patches hidden from the context, rows 1.. the T

@@ -19,12 +19,12 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mimkit.config import make_config
 from mimkit.data import dataset_stats
+from mimkit.parts import TARGET_SECTIONS
 from mimkit.registry import registrar
 
 TARGETS: dict[str, type["Target"]] = {}
-register_target = registrar(TARGETS)
+register_target = registrar(TARGETS, sections=TARGET_SECTIONS)
 
 
 @dataclass
@@ -79,12 +79,6 @@ class Frozen:
         if first is not None and first.device != x.device:
             self.module.to(x.device)
         return getattr(self.module, self.call)(x, *args)
-
-
-def target_config_class() -> type:
-    """The `target` section: `kind` plus one section per registered kind that has settings."""
-    sections = {name: cls.Config for name, cls in TARGETS.items() if cls.Config is not None}
-    return make_config("TargetConfig", object, sections, kinds=tuple(TARGETS))
 
 
 def build_target(target_cfg, ctx: TargetContext) -> Target:

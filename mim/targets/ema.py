@@ -19,25 +19,15 @@ teacher.
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimkit.config import ConfigError, check_range, choices
+from mimkit.config import ConfigError, check_range
+from mimkit.parts import EMAConfig
 
 from .base import Target, TargetContext, register_target
-
-
-@dataclass
-class EMAConfig:
-    momentum: float = 0.996  # at the first update
-    momentum_end: float = 1.0
-    anneal_end: float = 1.0  # share of the run's updates after which the momentum stays at momentum_end
-    top_k: int = 0  # 0: the output tokens after the final norm; K: the mean of the last K blocks' FFN outputs
-    instance_norm: bool = False  # each block's FFN output normalized over the patches per channel before the mean
-    norm: str = choices("none", "layernorm", default="layernorm")  # per patch, LayerNorm without affine
 
 
 def instance_norm_tokens(x: torch.Tensor) -> torch.Tensor:

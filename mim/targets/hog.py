@@ -3,25 +3,17 @@
 the target's and the prediction's histograms as glyphs."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from mimkit.config import ConfigError, choices
+from mimkit.config import ConfigError
 from mimkit.data import denormalize
-from mimkit.hog import GRADIENTS, HOG, cells_to_patches, hog_glyphs, patches_to_cells
+from mimkit.hog import HOG, cells_to_patches, hog_glyphs, patches_to_cells
 from mimkit.images import image_grid
+from mimkit.parts import HOGConfig
 
 from .base import Frozen, Target, TargetContext, register_target
-
-
-@dataclass
-class HOGConfig:
-    bins: int = 9
-    cells_per_patch: int = 2  # MaskFeat: 2x2 cells per patch (8-px cells at patch 16)
-    gradient: str = choices(*GRADIENTS, default="sobel")
-    gaussian: bool = False  # Gaussian window over each patch's gradient magnitudes
 
 
 @register_target("hog")

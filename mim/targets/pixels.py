@@ -2,20 +2,15 @@
 norm_pix_loss). The panel rebuilds the images from the prediction with the visible patches pasted back."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 
 from mimkit.data import denormalize
 from mimkit.images import image_grid, pixel_target, unpatchify
+from mimkit.parts import PixelsConfig
 
 from .base import Target, TargetContext, register_target
 from .panels import masked_images
-
-
-@dataclass
-class PixelsConfig:
-    norm_pix: bool = False  # standardize each target patch by its own mean and variance (MAE: true)
 
 
 @register_target("pixels")

@@ -4,26 +4,16 @@ step, under no_grad, from the same augmented view the encoder sees, then normali
 tints each masked patch by the cosine similarity of its prediction to the teacher's feature."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from mimkit.config import ConfigError, choices
-from mimkit.teachers import TeacherConfig, load_teacher
+from mimkit.config import ConfigError
+from mimkit.parts import TeacherTargetConfig
+from mimkit.teachers import load_teacher
 
 from .base import Frozen, Target, TargetContext, register_target
 from .panels import score_panel
-
-NORMS = ("none", "layernorm", "l2")
-
-
-@dataclass
-class TeacherTargetConfig(TeacherConfig):
-    # per patch over the features: LayerNorm without affine, (x - mean) / sqrt(var + 1e-6) (MaskDistill), or unit
-    # length
-    norm: str = choices(*NORMS, default="none")
-
 
 def normalize(feats: torch.Tensor, norm: str) -> torch.Tensor:
     """feats [B, N, D] normalized per patch over D as `norm` says."""

@@ -3,23 +3,17 @@ the id of each patch under a frozen tokenizer file, computed from the same augme
 (converted to the tokenizer's own normalization)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from mimkit.config import ConfigError
 from mimkit.images import renormalize
+from mimkit.parts import TokensConfig
 from mimkit.tokenizers.base import Tokenizer
 
 from .base import Frozen, Target, TargetContext, register_target
 from .panels import score_panel
-
-
-@dataclass
-class TokensConfig:
-    tokenizer: str = ""  # path of a tokenizer file (`mimkit tokenizer train`)
-    vocab_size: int = 0  # 0 = the tokenizer's; when set, checked against it
 
 
 def load_checked(cfg: TokensConfig, ctx: TargetContext) -> Tokenizer:

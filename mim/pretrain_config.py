@@ -1,21 +1,18 @@
 """The pretraining config: run keys, the shared sections (data, model, mask, optim, ckpt, probe), the parts'
 sections (`decoder`, `target.<kind>`, one per method that has settings), and its layers: dataclass defaults <
-the method's recipe < the dataset's preset (mimkit.data.DATA_PRESETS) < YAML files < dotted overrides."""
+the method's recipe < the dataset's preset (mimkit.sections.DATA_PRESETS) < YAML files < dotted overrides.
+
+Built from plain dataclasses and dicts (mimkit.sections, mimkit.parts), without importing torch or the parts'
+modules: a mistake in a key or value is reported before the engine loads."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mimkit.config import (DEVICES, PRECISIONS, CkptConfig, ConfigError, OptimConfig, build_config, check_range,
-                           choices, get_key, make_config)
-from mimkit.data import DATA_PRESETS, DataConfig, validate_data
-from mimkit.heads import HEADS
-from mimkit.losses import LOSSES
-from mimkit.masking import MaskConfig
-from mimkit.targets import target_config_class
-from mimkit.vit import ModelConfig
-
-from .base import METHODS
+from .config import (DEVICES, PRECISIONS, CkptConfig, ConfigError, OptimConfig, build_config, check_range, choices,
+                     get_key, make_config)
+from .parts import HEAD_SECTIONS, LOSS_NAMES, METHOD_SECTIONS, RECIPES, TARGET_SECTIONS
+from .sections import DATA_PRESETS, DataConfig, MaskConfig, ModelConfig, validate_data
 
 
 @dataclass
@@ -28,8 +25,8 @@ class ProbeConfig:
 @dataclass
 class RunConfig:
     method: str = "mae"
-    head: str = choices(*HEADS, default="")  # named by the method's recipe
-    loss: str = choices(*LOSSES, default="")  # named by the method's recipe
+    head: str = choices(*HEAD_SECTIONS, default="")  # named by the method's recipe
+    loss: str = choices(*LOSS_NAMES, default="")  # named by the method's recipe
     output_dir: str = ""  # default: runs/<method>_<data.name>
     seed: int = 0
     device: str = choices(*DEVICES, default="auto")
@@ -50,19 +47,24 @@ class RunConfig:
     probe: ProbeConfig = field(default_factory=ProbeConfig)
 
 
+def target_config_class() -> type:
+    """The `target` section: `kind` plus one section per registered kind that has settings."""
+    sections = {name: cls for name, cls in TARGET_SECTIONS.items() if cls is not None}
+    return make_config("TargetConfig", object, sections, kinds=tuple(TARGET_SECTIONS))
+
+
 def config_class() -> type:
     """RunConfig with the sections of the registered parts (heads, target kinds, methods) as they are now."""
-    sections = {name: cls.Config for name, cls in HEADS.items() if cls.Config is not None}
+    sections = {name: cls for name, cls in HEAD_SECTIONS.items() if cls is not None}
     sections["target"] = target_config_class()
-    sections.update({name: cls.Config for name, cls in METHODS.items() if cls.Config is not None})
+    sections.update({name: cls for name, cls in METHOD_SECTIONS.items() if cls is not None})
     return make_config("Config", RunConfig, sections)
 
 
 def pretrain_config(files: list[str] = (), overrides: list[str] = ()):
     """The resolved config of `mimkit pretrain --config FILE... key=value...`."""
     return build_config(config_class(), files, overrides,
-                        presets=[("method", {m: cls.recipe for m, cls in METHODS.items()}),
-                                 ("data.name", DATA_PRESETS)])
+                        presets=[("method", RECIPES), ("data.name", DATA_PRESETS)])
 
 
 def validate(cfg) -> None:
