@@ -190,6 +190,8 @@ def export_kwargs(path: Path) -> dict:
     if not meta and config.is_file():
         meta = json.loads(config.read_text())
     kwargs = dict(meta.get("model_args") or {})
+    if isinstance(kwargs.get("img_size"), list):  # timm's config.json records (h, w); mimkit's images are square
+        kwargs["img_size"] = kwargs["img_size"][-1]
     cfg = meta.get("pretrained_cfg") or {}
     if "mean" in cfg and "std" in cfg:
         kwargs["pretrained_cfg_overlay"] = {"mean": list(cfg["mean"]), "std": list(cfg["std"])}

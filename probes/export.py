@@ -51,10 +51,11 @@ def timm_recipe(encoder: ViT, path: str) -> str:
 
 
 def timm_arch_args(encoder: ViT) -> tuple[str, dict]:
-    """(timm architecture, create_model kwargs) building `encoder`'s shape: the named ViT of its width and depth
-    (its pretrained config), every shape value pinned."""
+    """(timm architecture, create_model kwargs) building `encoder`'s shape, every shape value pinned."""
     kw = timm_kwargs(encoder)
-    name = TIMM_ARCHS.get((kw["embed_dim"], kw["depth"], kw["num_heads"]), "vit_base")
+    # the named ViT of its width (its pretrained config); depth and every other shape value are pinned anyway
+    name = next((n for (dim, _, heads), n in TIMM_ARCHS.items() if (dim, heads) == (kw["embed_dim"], kw["num_heads"])),
+                "vit_base")
     args = {k: v for k, v in kw.items() if k != "qkv_bias"}
     return f"{name}_patch16_224", args
 
@@ -72,8 +73,9 @@ def timm_model(encoder: ViT, mean, std) -> tuple[str, dict, torch.nn.Module]:
 
 
 def write_hf(encoder: ViT, mean, std, out: str | Path) -> str:
-    """A folder timm reads (`timm.create_model("local-dir:OUT")`, or the architecture with pretrained=True and
-    pretrained_cfg_overlay=dict(file=OUT/model.safetensors)) and huggingface_hub.upload_folder publishes as is:
+    """A folder timm reads (`timm.create_model("local-dir:OUT", pretrained=True)`, or the architecture with
+    pretrained=True and pretrained_cfg_overlay=dict(file=OUT/model.safetensors)) and huggingface_hub.upload_folder
+    publishes as is:
     model.safetensors and config.json (architecture, model_args, pretrained_cfg with mean/std, num_classes=0)."""
     from timm.models._hub import save_for_hf
     arch, args, model = timm_model(encoder, mean, std)

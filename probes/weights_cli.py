@@ -12,7 +12,8 @@ EXPORT_EPILOG = """formats:
   safetensors  the same tensors as safetensors, timm.create_model's kwargs and mean/std in its metadata
                (mimkit probe --checkpoint timm:<arch> --weights FILE reads them); tokenizers too
   hf           a folder with model.safetensors and config.json (timm's pretrained config: architecture,
-               img_size, patch_size, mean/std, num_classes=0) for timm.create_model("local-dir:OUT") or
+               img_size, patch_size, mean/std, num_classes=0) for timm.create_model("local-dir:OUT",
+               pretrained=True) or
                huggingface_hub.upload_folder
 examples:
   mimkit export --format hf runs/mae_digits/checkpoints/last.pt exported/mae_digits
@@ -44,7 +45,7 @@ def export_encoder(src: str, fmt: str, out: str) -> str:
     if fmt == "hf":
         arch = write_hf(encoder, mean, std, out)
         return (f"wrote {out}/model.safetensors and config.json ({arch}); load it with "
-                f"timm.create_model('local-dir:{out}') or mimkit probe --checkpoint timm:{arch} --weights {out}")
+                f"timm.create_model('local-dir:{out}', pretrained=True) or mimkit probe --checkpoint timm:{arch} --weights {out}")
     arch, args = timm_arch_args(encoder)
     cfg = {"mean": list(mean), "std": list(std), "input_size": [3, encoder.img_size, encoder.img_size]}
     write_safetensors(export_state_dict(encoder), out, {"architecture": arch, "model_args": args,
