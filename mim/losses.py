@@ -54,12 +54,16 @@ def smooth_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> d
 
 
 def cross_entropy(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> dict:
-    """Cross-entropy over the vocabulary and arg-max accuracy at the masked positions (BEiT, ClusterMIM)."""
+    """Cross-entropy over the vocabulary and arg-max accuracy at the masked positions (BEiT, ClusterMIM). An id
+    of -1 (a patch a LaVIT tokenizer dropped) is left out of both."""
     if logits.dim() == 2:  # logits [M, V] at the masked positions
         logits, target = logits.float(), ids[mask]
-        return {"loss": F.cross_entropy(logits, target), "acc": token_accuracy(logits, target)}
+        valid = target >= 0
+        return {"loss": F.cross_entropy(logits, target, ignore_index=-1),
+                "acc": token_accuracy(logits[valid], target[valid])}
     logits = logits.float()
-    loss = masked_mean(F.cross_entropy(logits.transpose(1, 2), ids, reduction="none"), mask)
+    mask = mask & (ids >= 0)
+    loss = masked_mean(F.cross_entropy(logits.transpose(1, 2), ids, reduction="none", ignore_index=-1), mask)
     return {"loss": loss, "acc": token_accuracy(logits[mask], ids[mask])}
 
 

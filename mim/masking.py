@@ -214,6 +214,24 @@ def _python_rng(generator: torch.Generator | None) -> random.Random:
     return random.Random(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
 
 
+def prefer_kept(mask: torch.Tensor, keep: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """`mask.prefer_kept`: mask [B, N] (True = masked) moved onto the patches a tokenizer keeps, keep [B, N]. Per
+    sample the masked count stays; while there are masked dropped patches and unmasked kept ones, a random one of
+    each swaps. A mask already on kept patches, or a sample whose kept patches are all masked, is unchanged.
+    It runs where the keep mask is known, after the loader (the tokenizer runs on the model's device), with
+    `generator` (default: the global one of mask's device, which checkpoints store)."""
+    free, spare = mask & ~keep, ~mask & keep  # masked but dropped; kept but visible
+    swaps = torch.minimum(free.sum(1), spare.sum(1)).unsqueeze(1)
+    noise = torch.rand(2, *mask.shape, generator=generator, device=mask.device)
+
+    def first(pool: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+        """The `swaps` patches of pool with the smallest noise."""
+        rank = torch.where(pool, r, 2.0).argsort(1).argsort(1)
+        return pool & (rank < swaps)
+
+    return (mask & ~first(free, noise[0])) | first(spare, noise[1])
+
+
 def build_mask_generator(mask_cfg, grid: int, patch_size: int):
     """The mask generator named by `mask.kind` for a grid x grid layout of patch_size-pixel patches."""
     kind, ratio, n = mask_cfg.kind, mask_cfg.ratio, grid * grid

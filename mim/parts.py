@@ -71,6 +71,9 @@ class HOGConfig:
 class TokensConfig:
     tokenizer: str = ""  # path of a tokenizer file (`mimkit tokenizer train`)
     vocab_size: int = 0  # 0 = the tokenizer's; when set, checked against it
+    # a tokenizer that drops patches (lavit): ignore them in the loss, or label them with the kept token
+    # that merged them
+    dropped: str = choices("ignore", "merged", default="ignore")
 
 
 @dataclass

@@ -126,3 +126,5 @@ class MaskConfig:
     target_aspect: tuple[float, float] = (0.75, 1.5)  # target block height / width
     context_scale: tuple[float, float] = (0.85, 1.0)  # the context block (square) before the targets are cut out
     min_keep: int = 10  # a block (and the context after the cut) keeps more than this many patches
+    # a tokenizer that drops patches (lavit): move masked dropped patches onto unmasked kept ones (prefer_kept)
+    prefer_kept: bool = False

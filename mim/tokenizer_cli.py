@@ -40,9 +40,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_info(args) -> int:
+    from mimkit.checkpoint import load
     from mimkit.tokenizers import Tokenizer
     tok = Tokenizer.load(args.file)
-    print(json.dumps({"file": str(Path(args.file)), "kind": tok.kind, **tok.config()}, indent=2))
+    info = {"file": str(Path(args.file)), "kind": tok.kind, **tok.config()}
+    held = dict(load(args.file, kind="tokenizer").get("heldout", {})) if Path(args.file).suffix == ".pt" else {}
+    if "tokens_per_image_sq" in held:  # a tokenizer that drops patches: the spread from the mean square
+        mean, sq = held["tokens_per_image"], held.pop("tokens_per_image_sq")
+        info["tokens_per_image"] = {"mean": mean, "std": max(sq - mean * mean, 0.0) ** 0.5, "of": tok.num_tokens}
+    print(json.dumps({**info, **({"heldout": held} if held else {})}, indent=2))
     return 0
 
 

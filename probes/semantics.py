@@ -6,6 +6,9 @@ more tokenizers and reports, per tokenizer: codebook usage and perplexity, per-t
 TCAS = sum_{c != c'} (M M^T)_{cc'} / sum_c (M M^T)_{cc}; 0 when no token is shared across classes, C - 1 for a
 tokenizer blind to class), purity,
 and scikit-learn's NMI / AMI / homogeneity / completeness / V-measure between patch tokens and image labels.
+A tokenizer that drops patches (LaVIT's: id -1) is measured over its kept patches, plus its tokens per image,
+its keep ratio per class and the correlation of the keep ratio with image complexity (the mean gradient
+magnitude of the grey image).
 `mimkit analyze predictions` measures how often a pretrained beit / beitv2 / clustermim model predicts the
 tokenizer's id of a masked patch, per class and overall.
 
@@ -35,6 +38,7 @@ from mimkit.masking import build_mask_generator
 from mimkit.methods import METHODS, Method, build_method, config_class
 from mimkit.targets.tokens import TokenIds
 from mimkit.tokenizers.base import Tokenizer, count_stats
+from mimkit.tokenizers.lavit import LaVIT
 
 from . import semantics_plots as plots
 from .run import prepare_output_dir
@@ -195,23 +199,36 @@ class TokenStats:
     priority (a deterministic sample) as global patch indices (image index * N + position)."""
 
     def __init__(self, num_classes: int, vocab_size: int, num_tokens: int, sample_rate: float, gallery: int,
-                 seed: int = 0):
+                 seed: int = 0, dynamic: bool = False):
         self.vocab_size, self.num_tokens, self.sample_rate, self.seed = vocab_size, num_tokens, sample_rate, seed
+        self.dynamic = dynamic  # drops patches (id -1): per-image token counts, per class and against complexity
+        self.kept: list[np.ndarray] = []  # tokens per image
+        self.image_labels: list[np.ndarray] = []
+        self.complexity: list[np.ndarray] = []
         self.counts = np.zeros((num_classes, vocab_size), np.int64)
         self.sample_labels: list[np.ndarray] = []
         self.sample_ids: list[np.ndarray] = []
         self.best_priority = np.full((vocab_size, gallery), np.inf)
         self.best_ref = np.full((vocab_size, gallery), -1, np.int64)
 
-    def update(self, ids: torch.Tensor, labels: torch.Tensor, first_image: int) -> None:
-        """ids [B, N] of images first_image .. first_image + B - 1 with their labels [B]."""
-        ids = ids.cpu().numpy().astype(np.int64).ravel()
-        if ids.size and (ids.min() < 0 or ids.max() >= self.vocab_size):
+    def update(self, ids: torch.Tensor, labels: torch.Tensor, first_image: int,
+               complexity: torch.Tensor | None = None) -> None:
+        """ids [B, N] of images first_image .. first_image + B - 1 with their labels [B] (and, for a tokenizer
+        that drops patches, their complexity [B]); dropped patches (-1) are left out of every count."""
+        ids = ids.cpu().numpy().astype(np.int64)
+        if ids.size and (ids.min() < (-1 if self.dynamic else 0) or ids.max() >= self.vocab_size):
             raise ValueError(f"token ids outside [0, {self.vocab_size}): {ids.min()}..{ids.max()}")
+        self.kept.append((ids >= 0).sum(1))
+        self.image_labels.append(np.asarray(labels, np.int64))
+        if complexity is not None:
+            self.complexity.append(complexity.cpu().numpy().astype(np.float64))
+        ids = ids.ravel()
         labels = np.repeat(np.asarray(labels, np.int64), self.num_tokens)
+        ref = first_image * self.num_tokens + np.arange(ids.size, dtype=np.int64)
+        valid = ids >= 0
+        ids, labels, ref = ids[valid], labels[valid], ref[valid]
         c, v = self.counts.shape
         self.counts += np.bincount(labels * v + ids, minlength=c * v).reshape(c, v)
-        ref = first_image * self.num_tokens + np.arange(ids.size, dtype=np.int64)
         priority = patch_priority(ref, self.seed)
         keep = priority < self.sample_rate
         self.sample_labels.append(labels[keep])
@@ -235,7 +252,31 @@ class TokenStats:
     def metrics(self) -> dict:
         out = summarize_counts(self.counts)
         labels, ids = np.concatenate(self.sample_labels), np.concatenate(self.sample_ids)
+        kept = np.concatenate(self.kept).astype(np.float64)
+        out.update(tokens_per_image=float(kept.mean()), tokens_per_image_std=float(kept.std()))
+        if self.dynamic:
+            out.update(keep_metrics(kept / self.num_tokens, np.concatenate(self.image_labels),
+                                    np.concatenate(self.complexity), len(self.counts)))
         return {**out, **cluster_scores(labels, ids), "metric_samples": int(len(ids))}
+
+
+def keep_metrics(ratio: np.ndarray, labels: np.ndarray, complexity: np.ndarray, num_classes: int) -> dict:
+    """Keep ratio per image [n]: its mean, its mean per class (NaN for a class without images), and its Pearson
+    and Spearman correlations with the images' complexity [n] (NaN when either is constant)."""
+    from scipy import stats
+    per_class = [float(ratio[labels == c].mean()) if (labels == c).any() else float("nan")
+                 for c in range(num_classes)]
+    varied = len(ratio) > 1 and ratio.std() > 0 and complexity.std() > 0
+    return {"keep_ratio": float(ratio.mean()), "keep_ratio_per_class": per_class,
+            "keep_complexity_pearson": float(np.corrcoef(ratio, complexity)[0, 1]) if varied else float("nan"),
+            "keep_complexity_spearman": float(stats.spearmanr(ratio, complexity)[0]) if varied else float("nan")}
+
+
+def image_complexity(images: torch.Tensor) -> torch.Tensor:
+    """Mean gradient magnitude [B] of images [B, 3, H, W] in [0, 1]: forward differences of the grey image."""
+    grey = images.float().mean(1)
+    gx, gy = grey[:, :-1, 1:] - grey[:, :-1, :-1], grey[:, 1:, :-1] - grey[:, :-1, :-1]
+    return (gx * gx + gy * gy).sqrt().flatten(1).mean(1)
 
 
 def stream_tokens(tokenizers: dict[str, Tokenizer], dataset, data_name: str, num_classes: int, cfg: AnalyzeConfig,
@@ -249,7 +290,9 @@ def stream_tokens(tokenizers: dict[str, Tokenizer], dataset, data_name: str, num
     total = len(dataset)
     stats = {name: TokenStats(num_classes, tok.vocab_size, tok.num_tokens,
                               min(1.0, cfg.metric_samples / max(1, total * tok.num_tokens)),
-                              cfg.figures.gallery_patches, cfg.seed) for name, tok in tokenizers.items()}
+                              cfg.figures.gallery_patches, cfg.seed, isinstance(tok, LaVIT))
+             for name, tok in tokenizers.items()}
+    dynamic = any(st.dynamic for st in stats.values())
     loader = make_loader(dataset, cfg.batch_size, cfg.data, pin_memory=device.type == "cuda")
     shown = torch.from_numpy(np.unique(np.linspace(0, total - 1, min(cfg.figures.map_images, total)).round())).long()
     map_imgs, map_ids, seen = [], {name: [] for name in tokenizers}, 0
@@ -258,10 +301,11 @@ def stream_tokens(tokenizers: dict[str, Tokenizer], dataset, data_name: str, num
         labels = torch.as_tensor(labels)
         rows = (shown[(shown >= seen) & (shown < seen + len(imgs))] - seen).to(device)
         map_imgs.append(denormalize(imgs[rows].float(), data_name).cpu())
+        complexity = image_complexity(denormalize(imgs.float(), data_name)) if dynamic else None
         with autocast(device):
             for name, tok in frozen.items():
                 ids = tok(imgs)
-                stats[name].update(ids, labels, seen)
+                stats[name].update(ids, labels, seen, complexity if stats[name].dynamic else None)
                 map_ids[name].append(ids[rows].cpu())
         seen += len(imgs)
     return stats, torch.cat(map_imgs), {k: torch.cat(v) for k, v in map_ids.items()}
@@ -274,7 +318,8 @@ TABLE_COLUMNS = [("tokenizer", "tokenizer", "{}"), ("kind", "kind", "{}"), ("voc
                  ("usage", "usage", "{:.1%}"), ("perplexity", "perplexity", "{:.1f}"),
                  ("class_entropy_weighted", "class entropy", "{:.3f}"), ("tcas", "TCAS", "{:.3f}"),
                  ("tcas_norm", "TCAS/(C-1)", "{:.3f}"), ("nmi", "NMI", "{:.3f}"), ("ami", "AMI", "{:.3f}"),
-                 ("purity", "purity", "{:.3f}"), ("v_measure", "V-measure", "{:.3f}")]
+                 ("purity", "purity", "{:.3f}"), ("v_measure", "V-measure", "{:.3f}"),
+                 ("tokens_per_image", "tokens/image", "{:.1f}")]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -307,7 +352,8 @@ def gallery_crops(dataset, refs: np.ndarray, tok: Tokenizer, data_name: str, con
 
 def tokenizer_figures(name: str, tok: Tokenizer, st: TokenStats, dataset, classes: list[str], map_imgs, map_ids,
                       cfg: AnalyzeConfig, out: Path, writer) -> list[str]:
-    """The four figures of one tokenizer (PNG under out/figures/<name>/ and TensorBoard); returns the paths."""
+    """The figures of one tokenizer (PNG under out/figures/<name>/ and TensorBoard; a histogram of tokens per image
+    for a tokenizer that drops patches); returns the paths."""
     fc, folder = cfg.figures, out / "figures" / name
     counts = st.counts
     freq = counts.sum(0)
@@ -325,6 +371,8 @@ def tokenizer_figures(name: str, tok: Tokenizer, st: TokenStats, dataset, classe
         "class_token_heatmap": plots.heatmap_figure(counts, classes, top[:fc.heatmap_tokens]),
         "code_usage": plots.usage_figure(freq, name, *(count_stats(freq)[k] for k in ("usage", "perplexity"))),
     }
+    if st.dynamic:
+        figs["tokens_per_image"] = plots.tokens_per_image_figure(np.concatenate(st.kept), tok.num_tokens, name)
     paths = []
     for fig_name, fig in figs.items():
         path = folder / f"{fig_name}.png"
@@ -359,11 +407,19 @@ def analyze_tokens(cfg: AnalyzeConfig) -> dict:
         for name, tok in tokenizers.items():
             m = {"tokenizer": name, "file": files[name], "kind": tok.kind, "vocab_size": tok.vocab_size,
                  "grid": tok.grid, "img_size": tok.img_size, **stats[name].metrics()}
+            if "keep_ratio_per_class" in m:
+                m["keep_ratio_per_class"] = dict(zip(classes, m["keep_ratio_per_class"]))
             m["figures"] = tokenizer_figures(name, tok, stats[name], dataset, classes, map_imgs, map_ids[name], cfg,
                                              out, writer)
             for key in ("usage", "perplexity", "class_entropy_weighted", "tcas", "tcas_norm", "nmi", "ami", "purity",
-                        "v_measure"):
-                writer.add_scalar(f"{name}/{key}", m[key], 0)
+                        "v_measure", "tokens_per_image", "keep_ratio", "keep_complexity_pearson",
+                        "keep_complexity_spearman"):
+                if key in m:
+                    writer.add_scalar(f"{name}/{key}", m[key], 0)
+            if "keep_ratio" in m:
+                log(f"  {name}: {m['tokens_per_image']:.1f} +- {m['tokens_per_image_std']:.1f} tokens per image (keep "
+                    f"ratio {m['keep_ratio']:.1%}), correlation of the keep ratio with image complexity: Pearson "
+                    f"{m['keep_complexity_pearson']:.3f}, Spearman {m['keep_complexity_spearman']:.3f}")
             results[name] = m
         table = sorted(({k: results[n][k] for k, _, _ in TABLE_COLUMNS} for n in results), key=lambda r: r["tcas"])
         md = markdown_table(table)
@@ -424,7 +480,7 @@ def load_method(ckpt: dict, path: str, cfg: AnalyzeConfig, tokenizer: str) -> tu
 @torch.no_grad()
 def count_hits(model: Method, loader, device: torch.device, num_classes: int) -> dict[str, np.ndarray]:
     """Per class: masked patches whose arg-max (and top-5) predicted id is the target's, and all masked patches;
-    and the count of every target id."""
+    and the count of every target id. Patches a LaVIT tokenizer dropped (id -1) are left out."""
     vocab = model.target.out_dim
     counts = {k: np.zeros(num_classes, np.int64) for k in ("correct", "correct5", "total")}
     counts["targets"] = np.zeros(vocab, np.int64)
@@ -433,9 +489,11 @@ def count_hits(model: Method, loader, device: torch.device, num_classes: int) ->
         with autocast(device):
             target = model.target(imgs)[mask]
             logits = model.masked_logits(imgs, mask).float()
+        valid = target >= 0
+        target, logits = target[valid], logits[valid]
         hit = (logits.argmax(-1) == target).cpu().numpy()
         hit5 = (logits.topk(min(5, vocab), -1).indices == target[:, None]).any(-1).cpu().numpy()
-        patch_class = torch.as_tensor(labels).to(device)[:, None].expand_as(mask)[mask].cpu().numpy()
+        patch_class = torch.as_tensor(labels).to(device)[:, None].expand_as(mask)[mask][valid].cpu().numpy()
         counts["correct"] += np.bincount(patch_class, weights=hit, minlength=num_classes).astype(np.int64)
         counts["correct5"] += np.bincount(patch_class, weights=hit5, minlength=num_classes).astype(np.int64)
         counts["total"] += np.bincount(patch_class, minlength=num_classes)

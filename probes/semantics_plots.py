@@ -1,6 +1,7 @@
 """Figures of the token analysis: per-token galleries, token maps over images, the class x token heat map, the
-code-usage plot and per-class prediction accuracy. matplotlib's object API with the Agg canvas (no pyplot, no
-global backend switch); each figure is written as PNG atomically and, given a writer, to TensorBoard."""
+code-usage plot, tokens per image (tokenizers that drop patches) and per-class prediction accuracy. matplotlib's
+object API with the Agg canvas (no pyplot, no global backend switch); each figure is written as PNG atomically
+and, given a writer, to TensorBoard."""
 from __future__ import annotations
 
 import io
@@ -82,15 +83,36 @@ def gallery_figure(crops: torch.Tensor, captions: list[str], context: int) -> Fi
 
 def token_map_figure(images: torch.Tensor, ids: torch.Tensor, vocab_size: int) -> Figure:
     """images [n, 3, H, W] in [0, 1] and their ids [n, g, g]: the images, then each blended with a colour per
-    token id."""
-    colors = torch.from_numpy(token_colors(vocab_size)).float()[ids].permute(0, 3, 1, 2)  # [n, 3, g, g]
-    colors = torch.nn.functional.interpolate(colors, size=images.shape[-2:], mode="nearest")
-    grid = image_grid([images.cpu(), 0.35 * images.cpu() + 0.65 * colors])
+    token id; a patch a LaVIT tokenizer dropped (id -1) is shown in grey."""
+    dropped = ids < 0
+    colors = torch.from_numpy(token_colors(vocab_size)).float()[ids.clamp_min(0)]  # [n, g, g, 3]
+    colors = torch.nn.functional.interpolate(colors.permute(0, 3, 1, 2), size=images.shape[-2:], mode="nearest")
+    blend = 0.35 * images.cpu() + 0.65 * colors
+    if dropped.any():
+        grey = 0.5 + 0.25 * (images.cpu().mean(1, keepdim=True) - 0.5)  # faint luminance, no token colour
+        off = torch.nn.functional.interpolate(dropped[:, None].float(), size=images.shape[-2:], mode="nearest") > 0
+        blend = torch.where(off, grey.expand_as(blend), blend)
+    grid = image_grid([images.cpu(), blend])
     fig = Figure()
     ax = _show(fig, grid, 2.6)
     ax.set_position((0.0, 0.0, 1.0, 0.9))
     g = ids.shape[-1]
-    ax.set_title(f"images and their {g}x{g} token ids (one colour per id)", fontsize=9)
+    kept = " (grey: dropped patches)" if dropped.any() else ""
+    ax.set_title(f"images and their {g}x{g} token ids (one colour per id){kept}", fontsize=9)
+    return fig
+
+
+def tokens_per_image_figure(counts: np.ndarray, num_tokens: int, name: str) -> Figure:
+    """Histogram of the number of tokens per image of a tokenizer that drops patches (of num_tokens per grid)."""
+    fig = Figure(figsize=(6, 3), layout="constrained")
+    ax = fig.subplots()
+    ax.hist(counts, bins=np.arange(-0.5, num_tokens + 1.5), color="tab:blue")
+    ax.axvline(counts.mean(), color="black", linewidth=1, label=f"mean {counts.mean():.1f}")
+    ax.set_xlim(-0.5, num_tokens + 0.5)
+    ax.set_xlabel(f"tokens per image (of {num_tokens} patches)")
+    ax.set_ylabel("images")
+    ax.set_title(f"{name}: tokens per image, mean {counts.mean():.1f} +- {counts.std():.1f}", fontsize=9)
+    ax.legend(fontsize=7)
     return fig
 
 

@@ -227,7 +227,7 @@ def finish(run: TokenizerRun, history: list[dict], fit: dict, t0: float) -> dict
     """Save tokenizer.pt, write metrics.json and the held-out scalars; returns the metrics."""
     cfg, tok, path = run.cfg, run.tok, run.out / "tokenizer.pt"
     held = heldout(run, history)
-    tok.save(path)
+    tok.save(path, {"heldout": held})  # `mimkit tokenizer info` shows them
     metrics = {"kind": cfg.kind, "dataset": cfg.data.name, "vocab_size": tok.vocab_size, "grid": tok.grid,
                "heldout_images": len(run.test_loader.dataset), **{f"heldout_{k}": v for k, v in held.items()},
                **fit, "seconds": time.perf_counter() - t0, "tokenizer": str(path)}

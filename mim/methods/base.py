@@ -17,6 +17,7 @@ from torch import nn
 from mimkit.config import ConfigError
 from mimkit.heads import HEADS
 from mimkit.losses import LOSSES
+from mimkit.masking import prefer_kept
 from mimkit.parts import METHOD_SECTIONS, RECIPES
 from mimkit.registry import registrar
 from mimkit.targets import TARGETS, TargetContext, build_target
@@ -67,6 +68,10 @@ class Method(nn.Module):
         self.head_attr = head_cls.attr
         self.loss = LOSSES[cfg.loss][0]
         self.panel_name = self.target.panel_name
+        if cfg.mask.prefer_kept and not (getattr(self.target, "drops_patches", False) and cfg.mask.clones == 1):
+            raise ConfigError(f"mask.prefer_kept=true needs target.kind=tokens with a tokenizer that drops patches "
+                              f"(kind lavit) and one mask per image (mask.clones=1); method={cfg.method} has "
+                              f"target.kind={cfg.target.kind}")
 
     def after_step(self, progress: float) -> None:
         """After every optimizer step; `progress` = the updates before this one / the run's updates. The EMA
@@ -87,9 +92,17 @@ class Method(nn.Module):
         """The head's prediction: [B, N, out_dim], or [M, out_dim] at the masked positions (masked_linear)."""
         return self.predictor(self.tokens(imgs, mask), mask)
 
+    def target_and_mask(self, imgs: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target of imgs (frozen, without gradients) and the mask to train with: the loader's, or with
+        mask.prefer_kept moved onto the patches the tokenizer keeps (mimkit.masking.prefer_kept)."""
+        if not self.cfg.mask.prefer_kept:
+            return self.target(imgs), mask
+        target, keep = self.target.ids_and_keep(imgs)
+        return target, prefer_kept(mask, keep)
+
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> dict:
         """{"loss": scalar, other scalars the loss reports, "pred": the prediction}."""
-        target = self.target(imgs)  # frozen and without gradients
+        target, mask = self.target_and_mask(imgs, mask)
         pred = self.predict(imgs, mask)
         return {**self.loss(pred, target, mask), "pred": pred}
 

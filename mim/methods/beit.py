@@ -38,7 +38,7 @@ class BEiTv2(BEiT):
                                       m.layer_scale)
 
     def forward(self, imgs: torch.Tensor, mask: torch.Tensor) -> dict:
-        target = self.target(imgs)
+        target, mask = self.target_and_mask(imgs, mask)
         tokens, layers = self.encoder(imgs, mask, mode="token", return_layers=(self.aux_layer - 1, -1))
         middle, last = layers[0], layers[-1]  # one tensor when aux_layer is the last block
         main = self.loss(self.head(tokens, mask), target, mask)

@@ -1,6 +1,11 @@
 """Token ids (BEiT: dVAE, BEiT v2: VQ-KD, ClusterMIM: k-means, and any kind in mimkit.tokenizers.TOKENIZERS):
 the id of each patch under a frozen tokenizer file, computed from the same augmented view the encoder sees
-(converted to the tokenizer's own normalization)."""
+(converted to the tokenizer's own normalization).
+
+A tokenizer that drops patches (LaVIT's, mimkit.tokenizers.lavit) gives -1 at its dropped patches;
+`target.tokens.dropped` says what they train on: `ignore` (the id stays -1 and the cross-entropy skips it, so
+only masked and kept patches count) or `merged` (the id of the kept token that read the patch most in LaVIT's
+merger)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -11,6 +16,7 @@ from mimkit.config import ConfigError
 from mimkit.images import renormalize
 from mimkit.parts import TokensConfig
 from mimkit.tokenizers.base import Tokenizer
+from mimkit.tokenizers.lavit import LaVIT
 
 from .base import Frozen, Target, TargetContext, register_target
 from .panels import score_panel
@@ -61,13 +67,23 @@ class Tokens(Target):
         self.tokenizer = load_checked(cfg, ctx)
         self.ids_of = TokenIds(self.tokenizer, ctx.stats)
         self.out_dim = self.tokenizer.vocab_size
+        self.drops_patches = isinstance(self.tokenizer, LaVIT)
+        self.dynamic = Frozen(self.tokenizer, call="dynamic") if self.drops_patches else None
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
-        """ids LongTensor[B, N], frozen and without gradients."""
-        return self.ids_of(images)
+        """ids LongTensor[B, N], frozen and without gradients (-1 at dropped patches with dropped=ignore)."""
+        return self.ids_and_keep(images)[0] if self.drops_patches else self.ids_of(images)
+
+    def ids_and_keep(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(ids [B, N] as `__call__`, the tokenizer's keep mask BoolTensor[B, N]: all True for fixed-grid kinds)."""
+        if not self.drops_patches:
+            ids = self.ids_of(images)
+            return ids, torch.ones_like(ids, dtype=torch.bool)
+        ids, merged = self.dynamic(renormalize(images, self.ids_of.data_stats, self.ids_of.own_stats))
+        return (merged if self.cfg.dropped == "merged" else ids), ids >= 0
 
     @torch.no_grad()
     def panel(self, imgs, mask, pred):
         """Masked patches green where the arg-max prediction is the tokenizer's id, red where it is not."""
-        hits = pred.argmax(-1) == self(imgs)
+        hits = pred.argmax(-1) == self(imgs)  # a dropped patch (-1, dropped=ignore) shows as a miss
         return score_panel(imgs, mask, hits, self.ctx.patch_size, self.ctx.data_name)
