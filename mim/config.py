@@ -43,8 +43,11 @@ class OptimConfig:
     weight_decay: float = 0.05
     betas: tuple[float, float] = (0.9, 0.95)
     warmup_epochs: float = 40.0
+    warmup_start_lr: float = 0.0  # the lr the warmup starts from (I-JEPA's start_lr); absolute, as min_lr
     min_lr: float = 0.0
     clip_grad: float = 0.0  # 0 = no clipping
+    # >= 0: cosine from weight_decay to this over the run (I-JEPA: 0.04 -> 0.4); < 0: weight_decay throughout
+    weight_decay_end: float = -1.0
     skip_nonfinite: int = 0  # skip up to N steps with a NaN/Inf loss instead of stopping
 
 

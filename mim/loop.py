@@ -25,10 +25,12 @@ class NonFiniteLossError(RuntimeError):
 
 
 def lr_at(epoch: float, cfg, base_lr: float) -> float:
-    """Linear warmup, then half-cycle cosine to min_lr (MAE's per-step schedule; `epoch` is fractional)."""
+    """Linear warmup from optim.warmup_start_lr (0: MAE; I-JEPA's start_lr), then half-cycle cosine to min_lr
+    (MAE's per-step schedule; `epoch` is fractional)."""
     warm = cfg.optim.warmup_epochs
     if epoch < warm:
-        return base_lr * epoch / warm
+        start = getattr(cfg.optim, "warmup_start_lr", 0.0)  # the probes' optim section has no such key
+        return start + (base_lr - start) * epoch / warm
     progress = (epoch - warm) / max(cfg.epochs - warm, 1e-8)
     return cfg.optim.min_lr + (base_lr - cfg.optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
@@ -41,6 +43,30 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     """Every group at lr, times its lr_scale (timm's layer-wise decay groups carry one)."""
     for g in optimizer.param_groups:
         g["lr"] = lr * g.get("lr_scale", 1.0)
+
+
+def weight_decay_at(epoch: float, cfg) -> float | None:
+    """With optim.weight_decay_end >= 0, half-cycle cosine from optim.weight_decay to it over the whole run, warmup
+    included (I-JEPA's CosineWDSchedule: 0.04 -> 0.4); None (the default, weight_decay_end < 0): the weight decay
+    stays as the optimizer was built."""
+    end = getattr(cfg.optim, "weight_decay_end", -1.0)
+    if end < 0:
+        return None
+    progress = min(epoch / cfg.epochs, 1.0)
+    return end + (cfg.optim.weight_decay - end) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def set_schedule(optimizer: torch.optim.Optimizer, epoch: float, cfg, base_lr: float) -> float:
+    """The lr of `epoch` (fractional) on every group (set_lr), and the scheduled weight decay, if any, on the groups
+    that decay (timm's grouping leaves biases, norms and tokens at 0, and they stay there); returns the lr."""
+    lr = lr_at(epoch, cfg, base_lr)
+    set_lr(optimizer, lr)
+    wd = weight_decay_at(epoch, cfg)
+    if wd is not None:
+        for g in optimizer.param_groups:
+            if g["weight_decay"] > 0:
+                g["weight_decay"] = wd
+    return lr
 
 
 def backward_step(loss: torch.Tensor, it: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -155,8 +181,7 @@ def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, forward: Callable
     loop.optimizer.zero_grad(set_to_none=True)
     for it, batch in enumerate(bar):
         if it % cfg.accum_iter == 0:
-            lr = lr_at(epoch + it / loop.steps_per_epoch, cfg, base_lr)
-            set_lr(loop.optimizer, lr)
+            lr = set_schedule(loop.optimizer, epoch + it / loop.steps_per_epoch, cfg, base_lr)
         sync = loop.ddp is None or (it + 1) % cfg.accum_iter == 0
         with (contextlib.nullcontext() if sync else loop.ddp.no_sync()), dist.autocast(device, cfg.precision):
             outputs = forward(batch)

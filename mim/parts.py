@@ -174,7 +174,8 @@ RECIPES: dict[str, dict] = {
         "target.ema.momentum": 0.996, "target.ema.momentum_end": 1.0, "target.ema.top_k": 0,
         "target.ema.norm": "layernorm",
         "optim.blr": 1e-3, "optim.lr_batch_ref": 2048, "optim.betas": [0.9, 0.999], "optim.weight_decay": 0.04,
-        "optim.warmup_epochs": 40, "optim.min_lr": 1e-6, "data.crop_scale": [0.3, 1.0], "data.hflip": False,
+        "optim.weight_decay_end": 0.4, "optim.warmup_epochs": 40, "optim.warmup_start_lr": 2e-4, "optim.min_lr": 1e-6,
+        "data.crop_scale": [0.3, 1.0], "data.hflip": False,
     },
 }
 METHOD_SECTIONS: dict[str, type | None] = {name: None for name in RECIPES} | {"beitv2": BEiTv2Config,

@@ -73,8 +73,12 @@ def validate(cfg) -> None:
         check_range(key, get_key(cfg, key), 1)
     check_range("mask.ratio", cfg.mask.ratio, 0, 1, lo_open=True, hi_open=True)
     check_range("optim.blr", cfg.optim.blr, 0, lo_open=True)
-    for key in ("optim.weight_decay", "optim.warmup_epochs", "optim.min_lr", "optim.clip_grad"):
+    for key in ("optim.weight_decay", "optim.warmup_epochs", "optim.warmup_start_lr", "optim.min_lr",
+                "optim.clip_grad"):
         check_range(key, get_key(cfg, key), 0)
+    if cfg.optim.weight_decay_end >= 0 and cfg.optim.weight_decay == 0:
+        raise ConfigError(f"optim.weight_decay_end={cfg.optim.weight_decay_end} needs optim.weight_decay > 0 (the "
+                          f"cosine starts there); set optim.weight_decay, or optim.weight_decay_end=-1 for none")
     for i, b in enumerate(cfg.optim.betas):
         check_range(f"optim.betas[{i}]", b, 0, 1, hi_open=True)
     validate_data(cfg.data)

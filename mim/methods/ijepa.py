@@ -9,10 +9,13 @@ Masks are drawn per sample; as the official collator, each sample's context and 
 to the batch's smallest count, keeping the first patches in grid order. mimkit's encoder has a CLS token (I-JEPA's
 has none); it is part of the context the predictor attends to, so it is trained and the probes can use it.
 
-Recipe (in1k_vith14_ep300.yaml): batch 128 x 16 GPUs, lr 1e-3 after 40 warmup epochs (from 2e-4 there; from 0
-here), cosine to 1e-6, AdamW with wd 0.04 (cosine to 0.4 there; fixed here), 300 epochs, crops 0.3-1, no flip, EMA
-0.996 -> 1.0 over the run, predictor 12 x 384, 4 target blocks of scale 0.15-0.2 and aspect 0.75-1.5, context
-scale 0.85-1, min_keep 10.
+Recipe (in1k_vith14_ep300.yaml): batch 128 x 16 GPUs, lr 1e-3 after 40 warmup epochs from 2e-4
+(`optim.warmup_start_lr`, absolute as the official start_lr), cosine to 1e-6, AdamW with wd cosine from 0.04 to 0.4
+over the run (`optim.weight_decay_end`; src/utils/schedulers.py), 300 epochs, crops 0.3-1, no flip, EMA 0.996 ->
+1.0 over the run, predictor 12 x 384, 4 target blocks of scale 0.15-0.2 and aspect 0.75-1.5, context scale
+0.85-1, min_keep 10. The official schedulers step before each iteration, so its iteration k gets the value of
+step k + 1; here iteration k gets the value at fractional epoch k / iterations per epoch (MAE's convention, one
+step earlier).
 """
 from __future__ import annotations
 
