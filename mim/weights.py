@@ -98,7 +98,8 @@ def closest_mismatch(state: dict[str, torch.Tensor]) -> str:
 
 def no_format_error(path: str | Path, state: dict, also: str = "") -> CheckpointError:
     sample = ", ".join(list(state)[:3]) or "no tensors"
-    return CheckpointError(f"{path} matches no known weights format (tried {also}{', '.join(SIGNATURES)}; "
+    return CheckpointError(f"{path} is not a mimkit checkpoint and matches no known weights format (tried "
+                           f"{also}{', '.join(SIGNATURES)}; "
                            f"{closest_mismatch(state)}; its first keys: {sample})")
 
 

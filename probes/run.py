@@ -12,7 +12,7 @@ from mimkit.config import ConfigError, flatten, to_dict
 from mimkit.convert import load_pretrain
 from mimkit.data import build_dataset, dataset_stats
 from mimkit.encoders import EncoderSpec, load_encoder
-from mimkit.teachers import load_probe_encoder
+from mimkit.teachers import ProbeEncoder, load_probe_encoder, load_teacher
 from mimkit.loop import RunLog, write_metrics
 
 from .config import ProbeRunConfig, default_output_dir, probe_config, validate
@@ -38,7 +38,13 @@ def build_probe_config(protocol: str, checkpoint_path: str = "", files: list[str
         if not first.weights:
             raise ConfigError(f"checkpoint={first.checkpoint} needs weights: --weights FILE, a local weights file "
                               f"(nothing is downloaded)")
-        return first, None
+        if protocol == "finetune":
+            raise ConfigError(f"probe finetune takes a mimkit checkpoint; {first.checkpoint} is probed with knn or "
+                              f"linear (an official MAE file: --checkpoint FILE, or `mimkit convert` it)")
+        teacher = load_teacher(first.checkpoint, first.weights)  # its input size is the data's default img_size
+        cfg = probe_config(protocol, files, [*overrides, f"checkpoint={first.checkpoint}"],
+                           {"data": {"img_size": teacher.input_size}})
+        return cfg, {"encoder": ProbeEncoder(teacher, dataset_stats(cfg.data.name))}
     if first.weights:
         raise ConfigError("weights is for --checkpoint timm:<model> or openclip:<model>; a mimkit or official "
                           "checkpoint file holds its own weights")
@@ -74,23 +80,25 @@ def probe_encoder(cfg: ProbeRunConfig, ckpt: dict | None) -> tuple:
         return load_encoder(cfg.checkpoint, cfg.data.img_size, ckpt, cfg.encoder)
     if cfg.encoder != "student":
         raise ConfigError(f"encoder={cfg.encoder} needs a mimkit checkpoint; {cfg.checkpoint} has one encoder")
-    encoder = load_probe_encoder(cfg.checkpoint, cfg.weights, dataset_stats(cfg.data.name))
+    encoder = (ckpt or {}).get("encoder") or load_probe_encoder(cfg.checkpoint, cfg.weights,
+                                                                dataset_stats(cfg.data.name))
     return encoder, EncoderSpec(encoder, cfg.data, cfg.checkpoint, cfg.seed), {}
 
 
 def run_probe(cfg: ProbeRunConfig, ckpt: dict | None = None) -> dict:
     """Run cfg.protocol and write <output_dir>/metrics.json; returns the metrics. `ckpt`: cfg.checkpoint's
-    content, if already loaded (None for a timm: / openclip: model)."""
+    content, if already loaded (for a timm: / openclip: model, {"encoder": its ProbeEncoder})."""
     encoder, pretrain_cfg, ckpt = probe_encoder(cfg, ckpt)
     validate(cfg, encoder.depth)
     device = dist.init(cfg.device)
     num_classes = len(build_dataset(cfg.data, "test").classes)  # data errors before anything is written
     torch.manual_seed(cfg.seed)
-    out = prepare_output_dir(cfg, default_output_dir(cfg) if ckpt else Path(cfg.weights).parent /
+    spec = is_model_spec(cfg.checkpoint)
+    out = prepare_output_dir(cfg, default_output_dir(cfg) if not spec else Path(cfg.weights).parent /
                              f"probe_{cfg.protocol}_{cfg.data.name}_{cfg.checkpoint.replace(':', '_')}")
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(out / "tb"))
-    ckpt_id = (checkpoint_id(cfg.checkpoint) if ckpt else f"{cfg.checkpoint}+{checkpoint_id(cfg.weights)}") + (
+    ckpt_id = (checkpoint_id(cfg.checkpoint) if not spec else f"{cfg.checkpoint}+{checkpoint_id(cfg.weights)}") + (
         "" if cfg.encoder == "student" else f"+{cfg.encoder}")  # cache key
     run = ProbeRun(cfg, encoder.to(device), pretrain_cfg, device, out, RunLog(out), writer, ckpt_id, num_classes)
     rep = f"{cfg.features.pool} features{f' of block {cfg.features.layer}' if cfg.features.layer else ''}, "
