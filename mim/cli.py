@@ -13,7 +13,7 @@ from .commands import Parser, add_config_args, registry_names, run
 
 # Modules that contribute sub-commands through `add_commands(subparsers)`; none imports torch until it runs.
 COMMAND_MODULES: list[str] = ["mimkit.probes.cli", "mimkit.tokenizer_cli", "mimkit.submit", "mimkit.probes.analyze_cli",
-                              "mimkit.study_cli", "mimkit.probes.weights_cli"]
+                              "mimkit.study_cli", "mimkit.data_cli", "mimkit.probes.weights_cli"]
 REPO_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
 

@@ -24,6 +24,7 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from torchvision.io import ImageReadMode, decode_image, read_file
 
 from .config import ConfigError
+from .images import uint8_normalizer
 from .sections import (CIFAR10_STATS, DATA_PRESETS, DATASETS, DIGITS_STATS, FOLDERS,  # noqa: F401  (re-exported)
                        IMAGENET_STATS, DataConfig, validate_data)
 
@@ -130,6 +131,13 @@ def build_dataset(data_cfg, split: str, limit: int = 0) -> Dataset:
         ds = synthetic(split, data_cfg.synthetic_size, data_cfg.img_size)
     elif name in FOLDERS:
         ds = image_folder(data_cfg.root, split)
+    elif name == "webdataset":
+        from .shards import ShardIndex, expand_urls
+        urls = data_cfg.urls if split == "train" else data_cfg.test_urls
+        if not urls:
+            raise ConfigError(f"data.{'urls' if split == 'train' else 'test_urls'} is required for the {split} split "
+                              f"of data.name=webdataset, e.g. data.test_urls=/data/shards/test-{{000000..000003}}.tar")
+        ds = ShardIndex(expand_urls(urls))
     else:
         raise ConfigError(f"data.name={name!r} is not valid; choose one of: {', '.join(DATASETS)}")
     if limit and limit < len(ds):
@@ -190,16 +198,18 @@ class PretrainTransform:
     v2), from the generator given (else the global one), so a sample seeded alike gets the same crop as in MAE's
     code. uint8 images (folders) are cropped and resized as uint8 (torch's vectorized antialiased kernel, within
     2 levels of Pillow's), then made planar float in one copy and normalized in place; float images (in memory)
-    take torchvision's float ops, as before."""
+    take torchvision's float ops, as before. With `normalize=False` uint8 images stay uint8 (a quarter of the
+    bytes through the loader workers): the engine normalizes them on the device after the copy
+    (`mimkit.images.normalize_uint8`, the same bits)."""
 
-    def __init__(self, size: int, scale: tuple[float, float], hflip: bool, mean, std):
-        self.size, self.scale, self.hflip = size, tuple(scale), hflip
+    def __init__(self, size: int, scale: tuple[float, float], hflip: bool, mean, std, normalize: bool = True):
+        self.size, self.scale, self.hflip, self.normalize = size, tuple(scale), hflip, normalize
         self.mean, self.std = list(mean), list(std)
-        self.shift = torch.tensor(mean).view(-1, 1, 1) * 255
-        self.factor = 1 / (torch.tensor(std).view(-1, 1, 1) * 255)
+        self.shift, self.factor = uint8_normalizer(mean, std)
 
     def __call__(self, img: torch.Tensor | Image.Image, generator: torch.Generator | None = None) -> torch.Tensor:
-        """img [C, H, W] (uint8 or float in [0, 1]) or a PIL image -> normalized float32 [C, size, size]."""
+        """img [C, H, W] (uint8 or float in [0, 1]) or a PIL image -> normalized float32 [C, size, size] (uint8
+        [C, size, size] for uint8 input without `normalize`)."""
         if isinstance(img, Image.Image):
             img = TF.pil_to_tensor(img.convert("RGB"))
         img = img.as_subclass(torch.Tensor)
@@ -215,14 +225,16 @@ class PretrainTransform:
                                   interpolation=T.InterpolationMode.BICUBIC, antialias=True)
         if self.hflip and torch.rand(1, generator=generator) < 0.5:
             img = img.flip(-1)  # what torchvision's horizontal_flip does to a tensor
+        if img.dtype == torch.uint8 and not self.normalize:
+            return img
         if img.dtype == torch.uint8:  # planar float in one pass over the channels_last pixels, normalized in place
             return torch.empty(img.shape).copy_(img).sub_(self.shift).mul_(self.factor)
         return TF.normalize(img, self.mean, self.std)
 
 
-def pretrain_transform(data_cfg) -> PretrainTransform:
+def pretrain_transform(data_cfg, normalize: bool = True) -> PretrainTransform:
     mean, std = dataset_stats(data_cfg.name)
-    return PretrainTransform(data_cfg.img_size, data_cfg.crop_scale, data_cfg.hflip, mean, std)
+    return PretrainTransform(data_cfg.img_size, data_cfg.crop_scale, data_cfg.hflip, mean, std, normalize)
 
 
 def eval_transform(data_cfg) -> T.Compose:
@@ -292,8 +304,13 @@ class MaskedImages(Dataset):
 
     def __getitem__(self, key):
         epoch, index = key
-        s = sample_seed(self.seed, epoch, index)
         img, label, replaced = self._load(index)
+        img, mask = self.views(img, epoch, index)
+        return img, mask, label, replaced
+
+    def views(self, img, epoch: int, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(augmented image, mask) of sample `index` at `epoch` (also the shards' samples: mimkit.shards)."""
+        s = sample_seed(self.seed, epoch, index)
         # A PretrainTransform takes a generator seeded alike: the same draws as from the global generator, without
         # saving and restoring its state.
         if isinstance(self.transform, PretrainTransform):
@@ -302,8 +319,7 @@ class MaskedImages(Dataset):
             with torch.random.fork_rng(devices=[]):  # torchvision transforms draw from the global generator
                 torch.default_generator.manual_seed(s)  # CPU only: torch.manual_seed also seeds CUDA, 30x slower
                 img = self.transform(img)
-        mask = self.mask_gen(torch.Generator().manual_seed(s ^ 0x5DEECE66D))
-        return img, mask, label, replaced
+        return img, self.mask_gen(torch.Generator().manual_seed(s ^ 0x5DEECE66D))
 
 
 class Transformed(Dataset):

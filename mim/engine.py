@@ -3,6 +3,7 @@ through the shared loop (mimkit.loop), the epoch's log, panels and atomic checkp
 metrics.json. Exact resume: checkpoints hold the model, optimizer, step, history and every rank's generators."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -12,7 +13,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from . import checkpoint, dist, rundir
 from .config import ConfigError, to_dict
-from .data import EpochSampler, MaskedImages, Transformed, build_dataset, eval_transform, make_loader, pretrain_transform
+from .data import (EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats, eval_transform, make_loader,
+                   num_workers, pretrain_transform)
+from .images import normalize_uint8
 from .loop import Loop, RunLog, build_optimizer, place_model, train_one_epoch, write_metrics
 from .masking import build_mask_generator
 from .methods import build_method, validate
@@ -77,17 +80,29 @@ class PretrainRun:
 
 
 def build_data(cfg, device: torch.device):
-    """(training set, sampler, loader, mask generator); per-sample seeded augmentation and masks."""
-    train_set = build_dataset(cfg.data, "train", cfg.data.limit)
+    """(training images, sampler, loader, mask generator); per-sample seeded augmentation and masks. Images from
+    files stay uint8 through the loader: `forward` normalizes them on the device."""
     mask_gen = build_mask_generator(cfg.mask, cfg.data.img_size // cfg.model.patch_size, cfg.model.patch_size)
-    dataset = MaskedImages(train_set, pretrain_transform(cfg.data), mask_gen, cfg.seed, cfg.data.skip_corrupt)
-    sampler = EpochSampler(len(dataset), dist.world_size(), dist.rank(), cfg.seed, shuffle=True, drop_last=True)
-    loader = make_loader(dataset, cfg.batch_size, cfg.data, sampler=sampler, drop_last=True,
-                         pin_memory=device.type == "cuda")
+    transform = pretrain_transform(cfg.data, normalize=False)
+    if cfg.data.name == "webdataset":  # streamed shards: the loader is its own sampler (set_epoch)
+        from .shards import shard_loader
+        views = MaskedImages(None, transform, mask_gen, cfg.seed).views
+        loader = shard_loader(cfg.data.urls, views, cfg.batch_size, dist.world_size(), dist.rank(),
+                              num_workers(cfg.data), cfg.seed, cfg.data.shuffle_buffer, cfg.data.skip_corrupt,
+                              cfg.data.limit, pin_memory=device.type == "cuda")
+        images, sampler, per_process = sum(loader.counts), loader, loader.per_rank
+    else:
+        train_set = build_dataset(cfg.data, "train", cfg.data.limit)
+        images = len(train_set)
+        dataset = MaskedImages(train_set, transform, mask_gen, cfg.seed, cfg.data.skip_corrupt)
+        sampler = EpochSampler(len(dataset), dist.world_size(), dist.rank(), cfg.seed, shuffle=True, drop_last=True)
+        loader = make_loader(dataset, cfg.batch_size, cfg.data, sampler=sampler, drop_last=True,
+                             pin_memory=device.type == "cuda")
+        per_process = len(sampler)
     if len(loader) == 0:
-        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(sampler)} training images per process; "
+        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {per_process} training images per process; "
                           f"lower batch_size or raise data.limit")
-    return train_set, sampler, loader, mask_gen
+    return images, sampler, loader, mask_gen
 
 
 def resume(path: Path, model, optimizer, loop: Loop, seed: int) -> int:
@@ -105,8 +120,13 @@ def resume(path: Path, model, optimizer, loop: Loop, seed: int) -> int:
 
 
 def panel_inputs(cfg, mask_gen, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first 8 test images and masks seeded per image: the same panel at every epoch."""
-    vis_set = Transformed(build_dataset(cfg.data, "test"), eval_transform(cfg.data))
+    """The first 8 test images and masks seeded per image: the same panel at every epoch (shards without
+    data.test_urls: the first training shard's)."""
+    data = cfg.data
+    if data.name == "webdataset" and not data.test_urls:
+        from .shards import expand_urls
+        data = dataclasses.replace(data, test_urls=expand_urls(data.urls)[0])
+    vis_set = Transformed(build_dataset(data, "test"), eval_transform(data))
     imgs = torch.stack([vis_set[i][0] for i in range(min(8, len(vis_set)))]).to(device)
     masks = torch.stack([mask_gen(torch.Generator().manual_seed(cfg.seed + i)) for i in range(len(imgs))])
     return imgs, masks.to(device)
@@ -120,7 +140,7 @@ def setup(cfg) -> PretrainRun:
     torch.manual_seed(cfg.seed)  # the same init on every rank (DDP also broadcasts rank 0's weights)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True)
-    train_set, sampler, loader, mask_gen = build_data(cfg, device)
+    images, sampler, loader, mask_gen = build_data(cfg, device)
     model = place_model(build_method(cfg), device, cfg.precision)
     if dist.world_size() > 1:
         torch.manual_seed(dist.rank_seed(cfg.seed))  # but a different drop path on each rank
@@ -142,7 +162,7 @@ def setup(cfg) -> PretrainRun:
     if dist.is_main():
         from torch.utils.tensorboard import SummaryWriter
         loop.writer = SummaryWriter(str(out / "tb"))
-    log(f"{cfg.method} on {cfg.data.name}: {len(train_set)} images, {len(loader)} steps/epoch, "
+    log(f"{cfg.method} on {cfg.data.name}: {images} images, {len(loader)} steps/epoch, "
         f"epochs {start_epoch}->{cfg.epochs}, lr {loop.base_lr:.3g}, device {device}, world {dist.world_size()}")
     return PretrainRun(cfg, device, out, log, model, train_model, sampler, loader, loop,
                        panel_inputs(cfg, mask_gen, device), start_epoch)
@@ -157,7 +177,10 @@ def run_epoch(run: PretrainRun, epoch: int) -> dict:
     def forward(batch):
         imgs, mask, _, rep = batch
         replaced.append(rep)
-        return run.train_model(imgs.to(run.device, non_blocking=True), mask.to(run.device, non_blocking=True))
+        imgs = imgs.to(run.device, non_blocking=True)
+        if imgs.dtype == torch.uint8:  # images from files: normalized after the copy (a quarter of the bytes)
+            imgs = normalize_uint8(imgs, *dataset_stats(cfg.data.name))
+        return run.train_model(imgs, mask.to(run.device, non_blocking=True))
 
     record = train_one_epoch(loop, run.loader, epoch, forward)
     record["replaced_images"] = int(dist.all_reduce_sum(sum(int(r.sum()) for r in replaced), run.device))

@@ -48,6 +48,19 @@ def renormalize(images: torch.Tensor, src: tuple, dst: tuple) -> torch.Tensor:
     return (images * view(s0) + view(m0) - view(m1)) / view(s1)
 
 
+def uint8_normalizer(mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """(shift [C, 1, 1], factor [C, 1, 1]) in float32: uint8 pixels x are normalized as (x - shift) * factor, i.e.
+    (x / 255 - mean) / std, with the same two roundings wherever it runs (a loader worker or the device)."""
+    return torch.tensor(mean).view(-1, 1, 1) * 255, 1 / (torch.tensor(std).view(-1, 1, 1) * 255)
+
+
+def normalize_uint8(imgs: torch.Tensor, mean, std) -> torch.Tensor:
+    """uint8 images [B, C, H, W] (or [C, H, W]) -> float32 normalized: bit for bit what the loader's
+    `PretrainTransform` returns for the same pixels, on any device."""
+    shift, factor = (t.to(imgs.device) for t in uint8_normalizer(mean, std))
+    return imgs.to(torch.float32).sub_(shift).mul_(factor)
+
+
 def image_grid(rows: list[torch.Tensor]) -> torch.Tensor:
     """Stack batches [B, 3, H, W] as rows of one image; tiny images (digits) are blown up for legibility."""
     from torchvision.utils import make_grid

@@ -15,7 +15,7 @@ DIGITS_STATS = ((0.3052,) * 3, (0.3815,) * 3)  # mean/std of load_digits pixels 
 # name -> (normalization stats, held in memory). Folder datasets (cifar10, imagefolder) read data.root.
 DATASETS: dict[str, tuple[tuple, bool]] = {
     "digits": (DIGITS_STATS, True), "cifar10": (CIFAR10_STATS, False), "imagefolder": (IMAGENET_STATS, False),
-    "synthetic": (((0.5,) * 3, (0.25,) * 3), True),
+    "synthetic": (((0.5,) * 3, (0.25,) * 3), True), "webdataset": (IMAGENET_STATS, False),
 }
 FOLDERS = ("cifar10", "imagefolder")
 
@@ -32,6 +32,9 @@ class DataConfig:
     num_workers: int = -1  # -1: 0 for in-memory data, else min(8, cpus)
     skip_corrupt: bool = False  # replace unreadable images with another sample (counted) instead of failing
     synthetic_size: int = 512  # number of images of the synthetic dataset
+    urls: str = ""  # webdataset: training shards, e.g. /data/shards/train-{000000..000127}.tar, or pipe:CMD
+    test_urls: str = ""  # webdataset: test shards (probes, panels; panels fall back to the first training shard)
+    shuffle_buffer: int = 1000  # webdataset: samples each loader worker shuffles through (0: shard order only)
 
 
 def validate_data(data: DataConfig) -> None:
@@ -44,6 +47,10 @@ def validate_data(data: DataConfig) -> None:
         raise ConfigError(f"data.crop_scale={list(data.crop_scale)} must satisfy 0 < min <= max <= 1")
     if data.name in FOLDERS and not data.root:
         raise ConfigError(f"data.root is required for data.name={data.name}, e.g. data.root=/data/{data.name}")
+    check_range("data.shuffle_buffer", data.shuffle_buffer, 0)
+    if data.name == "webdataset" and not data.urls:
+        raise ConfigError("data.urls is required for data.name=webdataset, e.g. "
+                          "data.urls=/data/shards/train-{000000..000127}.tar")
 
 
 # Scale-dependent defaults per dataset, applied over the method's recipe (so `method=simmim` on digits gets
