@@ -1,9 +1,10 @@
 """The ImageNet-style pretraining loader at 224 px: images/s per CPU core of mimkit's pipeline (`MaskedImages` over
 an imagefolder: decode, RandomResizedCrop(0.2-1), flip, to tensor, normalize, plus the mask) against the official
 MAE pipeline (torchvision's ImageFolder: Pillow decode, then v1 transforms on the PIL image) and mimkit's previous
-one (Pillow decode, then torchvision v2 transforms), and mimkit's without the mask (MAE draws it on the GPU), on
-the same generated JPEGs (500 x 375 and 375 x 500,
-quality 90, in a temp folder), in interleaved rounds on one thread. Per core = images per CPU second of this
+one (Pillow decode, then torchvision v2 transforms), mimkit's without the mask (MAE draws it on the GPU), mimkit's
+as the engine runs it (uint8 out of the workers, normalized on the device after the copy: `normalize=False`), and
+that from tar shards of the same files (`data.name=webdataset`, streamed through the shuffle buffer), on the same
+generated JPEGs (500 x 375 and 375 x 500, quality 90, in a temp folder), in interleaved rounds on one thread. Per core = images per CPU second of this
 process (one thread): less sensitive than wall time to other processes on a shared machine; wall-time ratios are
 recorded too. Closeness: the same samples seeded alike through both pipelines, the difference in 8-bit levels.
 Optionally (`workers`) the images/s of each pipeline's DataLoader with that many worker processes."""
@@ -17,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+
+from mimkit.images import normalize_uint8
 
 from .common import speedup, write_result
 
@@ -49,7 +52,7 @@ def make_jpegs(root: Path, n: int, seed: int = 0, quality: int = 90) -> Path:
 
 
 def pipelines(root: Path) -> dict:
-    """name -> dataset whose [i] is sample i's image tensor through that pipeline."""
+    """name -> dataset whose [i] is sample i's image tensor through that pipeline (the shards': the stream's next)."""
     import torchvision.transforms as T1
     import torchvision.transforms.v2 as T
     from torchvision.datasets import ImageFolder
@@ -69,8 +72,35 @@ def pipelines(root: Path) -> dict:
     ours = MaskedImages(base, pretrain_transform(cfg), RandomMask(SIZE // 16, 0.75), seed=0)
     # the same without the mask, which MAE draws on the GPU inside the model
     unmasked = MaskedImages(base, pretrain_transform(cfg), lambda g: torch.zeros(0, dtype=torch.bool), seed=0)
+    uint8 = MaskedImages(base, pretrain_transform(cfg, normalize=False), RandomMask(SIZE // 16, 0.75), seed=0)
     return {"mae": _Items(mae, lambda i: i), "mimkit": _Items(ours, lambda i: (0, i)),
-            "mimkit_before": _Items(before, lambda i: i), "mimkit_without_mask": _Items(unmasked, lambda i: (0, i))}
+            "mimkit_before": _Items(before, lambda i: i), "mimkit_without_mask": _Items(unmasked, lambda i: (0, i)),
+            "mimkit_uint8": _Items(uint8, lambda i: (0, i)), "mimkit_uint8_shards": _Stream(shards(root, uint8))}
+
+
+def shards(root: Path, views):
+    """The training folder as tar shards of 250 (`mimkit data shard`), streamed as the engine streams them."""
+    from mimkit.data_cli import encoded_samples
+    from mimkit.shards import ShardStream, write_shards
+    paths = write_shards(encoded_samples(views.base), root / "shards", "train", 250)
+    return ShardStream([str(p) for p in paths], views.views, 1, 1, 0, 1, seed=0, shuffle_buffer=1000)
+
+
+class _Stream:
+    """[i] is the stream's next image (restarted at its end)."""
+
+    def __init__(self, stream):
+        self.stream, self.it = stream, iter(())
+
+    def __len__(self) -> int:
+        return len(self.stream.urls)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        item = next(self.it, None)
+        if item is None:
+            self.it = self.stream.samples(0)
+            item = next(self.it)
+        return item[0]
 
 
 class _Items:
@@ -91,14 +121,17 @@ def closeness(items: dict, n: int) -> dict:
     from mimkit.data import IMAGENET_STATS, sample_seed
     levels = torch.tensor(IMAGENET_STATS[1]).view(3, 1, 1) * 255
     diffs = []
+    same = True
     for i in range(n):
         torch.manual_seed(sample_seed(0, 0, i))
         ref = items["mae"][i]
         # both are 8-bit pixels normalized: the difference is a whole number of levels, up to float rounding
         diffs.append(((items["mimkit"][i] - ref) * levels).abs().round().flatten())
+        same &= torch.equal(normalize_uint8(items["mimkit_uint8"][i], *IMAGENET_STATS), items["mimkit"][i])
     d = torch.cat(diffs)
     return {"samples": n, "mean_levels": d.mean().item(), "p999_levels": d.quantile(0.999).item() if d.numel() < 2 ** 24
             else None, "max_levels": d.max().item(), "tolerance_levels": TOLERANCE_LEVELS,
+            "uint8_normalized_after_the_copy_bitwise_equal": same,
             "within_tolerance": d.mean().item() <= TOLERANCE_LEVELS["mean"] and d.max().item() <= TOLERANCE_LEVELS["max"]}
 
 
@@ -109,6 +142,7 @@ def per_core(items: dict, rounds: int) -> dict:
     torch.set_num_threads(1)
     n = len(items["mae"])
     chunk = max(1, n // rounds)
+    n_uint8 = normalize_cost(chunk)
     times = {name: {"times_s": [], "cpu_s": []} for name in items}
     try:
         for name, ds in items.items():  # warm up (imports, first allocations)
@@ -127,7 +161,21 @@ def per_core(items: dict, rounds: int) -> dict:
             "images_per_wall_s": {k: chunk / statistics.median(v["times_s"]) for k, v in times.items()},
             "speedup": speedup(times, "mimkit", "mae", "cpu_s"), "speedup_wall": speedup(times, "mimkit", "mae"),
             "speedup_vs_before": speedup(times, "mimkit", "mimkit_before", "cpu_s"),
-            "speedup_without_mask": speedup(times, "mimkit_without_mask", "mae", "cpu_s"), "goal": GOAL}
+            "speedup_without_mask": speedup(times, "mimkit_without_mask", "mae", "cpu_s"),
+            "speedup_uint8": speedup(times, "mimkit_uint8", "mae", "cpu_s"),
+            "shards_vs_folder": speedup(times, "mimkit_uint8_shards", "mimkit_uint8", "cpu_s"),
+            "normalize_on_cpu_ms_per_image": n_uint8, "goal": GOAL}
+
+
+def normalize_cost(n: int, batch: int = 64) -> float:
+    """CPU ms per image of `normalize_uint8` on batches of 224-px images: what a run without a GPU pays in the
+    training process for normalizing after the copy (on a GPU it is one elementwise kernel)."""
+    from mimkit.data import IMAGENET_STATS
+    x = torch.randint(0, 256, (batch, 3, SIZE, SIZE), dtype=torch.uint8)
+    c = time.process_time()
+    for _ in range(max(1, n // batch)):
+        normalize_uint8(x, *IMAGENET_STATS)
+    return 1000 * (time.process_time() - c) / (max(1, n // batch) * batch)
 
 
 def with_workers(items: dict, workers: int, batch: int = 64, batches: int = 8) -> dict:
@@ -194,6 +242,10 @@ def run(repeats: int = 3, preset: str = "cpu") -> dict:
     print(f"mimkit / MAE: {s['median']:.2f}x [{s['min']:.2f}-{s['max']:.2f}] per CPU second (goal >= {GOAL}x), "
           f"wall {pc['speedup_wall']['median']:.2f}x; mimkit / mimkit before: {pc['speedup_vs_before']['median']:.2f}x; "
           f"without the mask / MAE: {pc['speedup_without_mask']['median']:.2f}x")
+    print(f"uint8 out of the workers (normalized on the device) / MAE: {pc['speedup_uint8']['median']:.2f}x "
+          f"[{pc['speedup_uint8']['min']:.2f}-{pc['speedup_uint8']['max']:.2f}]; shards / folder (both uint8): "
+          f"{pc['shards_vs_folder']['median']:.2f}x; normalizing on the CPU instead: "
+          f"{pc['normalize_on_cpu_ms_per_image']:.3f} ms per image")
     print(f"closeness to MAE (same seeds, {cl['samples']} samples): mean {cl['mean_levels']:.3f}, max "
           f"{cl['max_levels']:.1f} levels of 255 (tolerance mean <= {TOLERANCE_LEVELS['mean']}, max <= "
           f"{TOLERANCE_LEVELS['max']})")

@@ -83,6 +83,8 @@ def test_loader_benchmark_compares_with_maes_pipeline(tmp_path, monkeypatch):
     monkeypatch.setenv("MIMKIT_BENCH_RESULTS", str(tmp_path))
     main(["loader", "--preset", "tiny", "--repeats", "1"])
     r = json.loads((tmp_path / "loader.json").read_text())
-    assert set(r["per_core"]["images_per_s"]) == {"mae", "mimkit", "mimkit_before", "mimkit_without_mask"}
+    assert set(r["per_core"]["images_per_s"]) == {"mae", "mimkit", "mimkit_before", "mimkit_without_mask",
+                                                  "mimkit_uint8", "mimkit_uint8_shards"}
     assert r["closeness"]["within_tolerance"], r["closeness"]
+    assert r["closeness"]["uint8_normalized_after_the_copy_bitwise_equal"]
     assert r["machine"]["cpu"]["model"]
