@@ -19,6 +19,7 @@ from .images import normalize_uint8
 from .loop import Loop, RunLog, build_optimizer, place_model, train_one_epoch, write_metrics
 from .masking import build_mask_generator
 from .methods import build_method, validate
+from .writers import open_writers
 
 # Keys that may change when a run is resumed (they do not change what has been trained so far).
 RESUMABLE_CHANGES = ("epochs", "resume", "overwrite", "output_dir", "device", "data.num_workers", "data.root",
@@ -160,8 +161,7 @@ def setup(cfg) -> PretrainRun:
     if cfg.compile:
         train_model = torch.compile(train_model)
     if dist.is_main():
-        from torch.utils.tensorboard import SummaryWriter
-        loop.writer = SummaryWriter(str(out / "tb"))
+        loop.writer = open_writers(cfg, out)
     log(f"{cfg.method} on {cfg.data.name}: {images} images, {len(loader)} steps/epoch, "
         f"epochs {start_epoch}->{cfg.epochs}, lr {loop.base_lr:.3g}, device {device}, world {dist.world_size()}")
     return PretrainRun(cfg, device, out, log, model, train_model, sampler, loader, loop,

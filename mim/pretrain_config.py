@@ -13,6 +13,7 @@ from .config import (DEVICES, PRECISIONS, CkptConfig, ConfigError, OptimConfig, 
                      get_key, make_config)
 from .parts import HEAD_SECTIONS, LOSS_NAMES, METHOD_SECTIONS, RECIPES, TARGET_SECTIONS
 from .sections import DATA_PRESETS, DataConfig, MaskConfig, ModelConfig, validate_data
+from .writers import LogConfig, check_log
 
 
 @dataclass
@@ -45,6 +46,7 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     ckpt: CkptConfig = field(default_factory=CkptConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
 
 def target_config_class() -> type:
@@ -82,6 +84,7 @@ def validate(cfg) -> None:
     for i, b in enumerate(cfg.optim.betas):
         check_range(f"optim.betas[{i}]", b, 0, 1, hi_open=True)
     validate_data(cfg.data)
+    check_log(cfg.log)
     check_range("model.drop_path", cfg.model.drop_path, 0, 1, hi_open=True)
     if cfg.data.img_size % cfg.model.patch_size:
         raise ConfigError(f"data.img_size={cfg.data.img_size} is not divisible by model.patch_size="

@@ -13,7 +13,8 @@ features.
 - Keep-ratio loss: ratio_weight * mean over images of (kept share of the image - keep_ratio)^2, DynamicViT's
   ratio loss (Rao et al. 2021), which LaVIT's paper uses to hold the share of kept tokens near a target; the
   released LaVIT code has no training loop, so the weight (2.0) is DynamicViT's.
-- Merger (`TokenMerger`, `CausalFuserBlock`): the teacher features, projected to `embed_dim`, go through
+- Merger (`TokenMerger`, `CausalFuserBlock`): the teacher features, projected to `embed_dim` (a linear layer of
+  mimkit's: LaVIT runs selector and merger at the teacher's own width, 1408), go through
   `depth` blocks of (causal self-attention in raster order over the kept tokens: a token reads the kept tokens
   before it and itself; cross-attention whose keys and values are the LayerNorm'ed input features of the
   dropped patches only; MLP), then a final LayerNorm. The attention masks are LaVIT's `softmax_with_policy`
