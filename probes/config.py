@@ -120,7 +120,8 @@ DATASET_PRESETS: dict[str, dict[str, dict]] = {
 }
 
 # Pretraining data settings a probe inherits from the checkpoint; data.limit (a pretraining subset) is not one.
-INHERITED_DATA = ("name", "root", "img_size", "crop_scale", "hflip", "num_workers", "skip_corrupt", "synthetic_size")
+INHERITED_DATA = ("name", "root", "img_size", "crop_scale", "hflip", "num_workers", "skip_corrupt", "synthetic_size",
+                  "urls", "test_urls")
 
 
 def probe_config(protocol: str, files: list[str] = (), overrides: list[str] = (),

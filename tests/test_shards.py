@@ -236,3 +236,10 @@ def test_webdataset_reads_our_shards(tmp_path):
     paths = numbered_shards(tmp_path, [3, 2])
     got = [(s["__key__"], int(s["cls"])) for s in wds.WebDataset(paths, shardshuffle=False)]
     assert got == [(f"{i:08d}", i) for i in range(5)]
+
+
+def test_probes_inherit_the_shards_of_the_checkpoint():
+    from mimkit.probes.config import probe_config
+    stored = {"data": {"name": "webdataset", "urls": "/s/train-{0..3}.tar", "test_urls": "/s/test-0.tar", "limit": 0}}
+    cfg = probe_config("knn", stored=stored)
+    assert (cfg.data.name, cfg.data.urls, cfg.data.test_urls) == ("webdataset", "/s/train-{0..3}.tar", "/s/test-0.tar")
