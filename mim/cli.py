@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     debug, quiet = "--debug" in argv, "--quiet" in argv
     argv = [a for a in argv if a not in ("--debug", "--quiet")]  # accepted anywhere on the line
     args = build_parser().parse_args(argv)
-    args.debug = debug
+    args.debug, args.argv = debug, argv  # argv: the line an interrupted run prints to resume
     # what `mimkit submit` checks a job's command line with and runs (mimkit.submit never imports this module)
     args.entry, args.build_parser = main, build_parser
     with progress.quiet(quiet):

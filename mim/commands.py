@@ -14,6 +14,7 @@ import os
 import sys
 from pathlib import Path
 
+from . import interrupts
 from .config import ConfigError
 
 
@@ -97,9 +98,13 @@ def add_config_args(p: argparse.ArgumentParser, example: str) -> None:
 
 
 def run(func, args) -> int:
-    """Run a command; user errors become one line and exit status 2."""
+    """Run a command; user errors become one line and exit status 2, a run stopped by SIGINT / SIGTERM one line
+    saying how to resume and 130 / 143 (mimkit.interrupts)."""
     try:
-        return func(args) or 0
+        with interrupts.handled():
+            return func(args) or 0
+    except interrupts.Interrupted as e:
+        return interrupts.report(e, getattr(args, "argv", sys.argv[1:]))
     except Exception as e:  # an error class's module is imported by the time one of them is raised
         if not isinstance(e, ConfigError) and not isinstance(e, user_errors()) or getattr(args, "debug", False):
             raise

@@ -1,22 +1,27 @@
 """The rules every gradient loop shares (pretraining, tokenizer training, probes): the learning-rate schedule,
 accumulation and clipping, the optimizer and where the model runs, and one epoch loop with one policy for a
 NaN/Inf loss, one host sync per step (the loss, needed for that policy and the log; every other scalar is
-summed on the device and read once per epoch), and one way to write metrics.json."""
+summed on the device and read once per epoch), one way to write metrics.json, and one way to stop on SIGINT /
+SIGTERM (mimkit.interrupts): after the step that is running, on every rank at the same step, with the epoch's
+progress kept (`Loop.partial`) for a checkpoint from which the epoch continues exactly (`Loop.resume_at`)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import math
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
+from torch.utils.data import Sampler
 
-from . import checkpoint, dist, progress
+from . import checkpoint, dist, interrupts, progress
 from .vit import use_fused_attention
 
 
@@ -139,6 +144,9 @@ class Loop:
     bad_steps: int = 0
     lr: float = 0.0  # the last learning rate set
     on_step: Callable[[], None] | None = None  # after every optimizer step (pretraining: the EMA teacher's update)
+    resume_at: dict | None = None  # an interrupted epoch's progress, from a checkpoint: that epoch continues from it
+    partial: dict | None = None  # this epoch's progress when a signal stopped it (None: not stopped mid-epoch)
+    stopped: int = 0  # the signal that stopped the run after a step (0: none)
 
     @property
     def base_lr(self) -> float:
@@ -149,6 +157,10 @@ class Loop:
         if self.ckpt_path is not None and self.ckpt_path.exists() and self.history:
             return f"{self.ckpt_path} (epoch {self.history[-1]['epoch']})"
         return "none yet"
+
+    def start_of(self, epoch: int) -> int:
+        """The iterations of `epoch` trained before an interruption: its batches start after them."""
+        return self.resume_at["it"] if self.resume_at and self.resume_at["epoch"] == epoch else 0
 
     def nonfinite(self, value: float, epoch: int, it: int) -> None:
         """Stop with the step and the last good checkpoint, or skip the step while optim.skip_nonfinite allows."""
@@ -171,27 +183,70 @@ def add_scalars(sums: dict, outputs: dict) -> None:
         sums[k] = sums.get(k, 0.0) + (v.detach().double() if torch.is_tensor(v) else float(v))
 
 
-def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, forward: Callable[[Any], dict]) -> dict:
+class SkipSampler(Sampler):
+    """`inner`'s indices after its first `n`: the rest of an interrupted epoch (the samplers here draw each epoch's
+    order from the seed and the epoch, and the data seeds each sample by its key, so the rest is the same)."""
+
+    def __init__(self, inner: Sampler, n: int):
+        self.inner, self.n = inner, n
+
+    def __iter__(self):
+        return itertools.islice(iter(self.inner), self.n, None)
+
+    def __len__(self) -> int:
+        return max(len(self.inner) - self.n, 0)
+
+
+def quiet_iter(loader: Iterable) -> Iterator:
+    """iter(loader) without its draw from the global generator (a DataLoader's workers' base seed): where a run
+    that was never interrupted draws nothing, so a resumed run's later draws (drop path) stay the same."""
+    state = torch.get_rng_state()
+    batches = iter(loader)
+    torch.set_rng_state(state)
+    return batches
+
+
+def reduce_loss(loss: torch.Tensor, device: torch.device) -> tuple[float, int]:
+    """(the loss's mean over ranks, the signal that stops the run on any rank, 0 if none): one collective."""
+    signum = interrupts.pending()
+    if dist.world_size() == 1:
+        return loss.item(), signum
+    t = torch.tensor([loss.item(), signum == signal.SIGINT, signum == signal.SIGTERM], dtype=torch.float64,
+                     device=device)
+    torch.distributed.all_reduce(t)
+    stop = signal.SIGTERM if t[2] > 0 else signal.SIGINT if t[1] > 0 else 0
+    return t[0].item() / dist.world_size(), int(stop)
+
+
+def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, forward: Callable[[Any], dict]) -> dict | None:
     """One epoch of `forward(batch) -> {"loss": scalar, other scalars...}` (batch[0]: the inputs) with the
     schedule, accumulation, clipping and NaN policy above. Returns {"epoch", "loss", the other scalars'
-    means, "images_per_s", "seconds"} (means over the epoch's steps and over ranks)."""
-    cfg, device = loop.cfg, loop.device
-    t0, n_images, loss_sum, sums, lr, base_lr = time.perf_counter(), 0, 0.0, {}, 0.0, loop.base_lr
+    means, "images_per_s", "seconds"} (means over the epoch's steps and over ranks), or None when a signal
+    stopped it after an optimizer step before the epoch's end (loop.partial, loop.stopped). An epoch with
+    loop.resume_at continues from it: `batches` are the ones after its `it` iterations."""
+    cfg, device, base_lr = loop.cfg, loop.device, loop.base_lr
+    start = loop.start_of(epoch)
+    state = loop.resume_at if start else {"loss_sum": 0.0, "sums": {}, "n_images": 0, "seconds": 0.0}
+    loop.resume_at, loss_sum, n_images = None, state["loss_sum"], state["n_images"]
+    sums = {k: v.to(device) if torch.is_tensor(v) else v for k, v in state["sums"].items()}
+    t0, lr = time.perf_counter() - state["seconds"], 0.0
     bar = progress.bar(batches, f"epoch {epoch + 1}/{cfg.epochs}", enabled=dist.is_main())
     loop.optimizer.zero_grad(set_to_none=True)
-    for it, batch in enumerate(bar):
+    for it, batch in enumerate(bar, start):
         if it % cfg.accum_iter == 0:
-            lr = set_schedule(loop.optimizer, epoch + it / loop.steps_per_epoch, cfg, base_lr)
+            lr = lr_at(epoch + it / loop.steps_per_epoch, cfg, base_lr)
+            set_lr(loop.optimizer, lr)
         sync = loop.ddp is None or (it + 1) % cfg.accum_iter == 0
         with (contextlib.nullcontext() if sync else loop.ddp.no_sync()), dist.autocast(device, cfg.precision):
             outputs = forward(batch)
         loss = outputs["loss"]
         # the mean over ranks: logged, and a NaN on any rank stops or skips the step on every rank
-        loss_value = dist.all_reduce_mean(loss.item(), device)
+        loss_value, stop = reduce_loss(loss, device)
         if not math.isfinite(loss_value):
             loop.nonfinite(loss_value, epoch, it)
             continue
-        if backward_step(loss, it, loop.model, loop.optimizer, cfg.accum_iter, cfg.optim.clip_grad):
+        stepped = backward_step(loss, it, loop.model, loop.optimizer, cfg.accum_iter, cfg.optim.clip_grad)
+        if stepped:
             loop.step += 1
             if loop.on_step is not None:
                 loop.on_step()
@@ -202,6 +257,13 @@ def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, forward: Callable
         n_images += len(batch[0])
         loss_sum += loss_value
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if stepped and stop:
+            loop.stopped = stop
+            if it + 1 < loop.steps_per_epoch:
+                loop.partial = {"epoch": epoch, "it": it + 1, "loss_sum": loss_sum, "sums": sums,
+                                "n_images": n_images, "seconds": time.perf_counter() - t0}
+                return None
+            break
     loop.lr = lr
     seconds = time.perf_counter() - t0
     steps = max(loop.steps_per_epoch, 1)

@@ -18,12 +18,12 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from mimkit import checkpoint, dist, rundir
+from mimkit import checkpoint, dist, interrupts, rundir
 from mimkit.config import ConfigError, to_dict
 from mimkit.data import (EpochSampler, MaskedImages, Transformed, build_dataset, eval_transform, make_loader,
                          pretrain_transform)
 from mimkit.dist import autocast
-from mimkit.loop import Loop, RunLog, build_optimizer, train_one_epoch, write_metrics
+from mimkit.loop import Loop, RunLog, SkipSampler, build_optimizer, quiet_iter, train_one_epoch, write_metrics
 from mimkit.teachers import Teacher, load_teacher
 
 from .base import GradientTraining, Tokenizer, Training, codebook_stats, tokenizer_class
@@ -130,29 +130,38 @@ def train_loader(run: TokenizerRun) -> tuple[EpochSampler, DataLoader]:
 
 
 def resume(run: TokenizerRun, loop: Loop) -> int:
-    """Load run.resume_from into the tokenizer, optimizer and loop; returns the first epoch still to train."""
+    """Load run.resume_from into the tokenizer, optimizer and loop; returns the first epoch still to train (an
+    epoch a signal interrupted continues where it stopped; resume=auto falls back to last.prev.pt when last.pt is
+    damaged)."""
     if run.resume_from is None:
         return 0
-    ckpt = checkpoint.load(run.resume_from, kind="tokenizer_train")
+    ckpt, path = checkpoint.load_resumable(run.resume_from, "tokenizer_train", run.log, run.cfg.resume == "auto")
     run.tok.load_state_dict(ckpt["model"])
     loop.optimizer.load_state_dict(ckpt["optimizer"])
-    loop.step, loop.history = ckpt["step"], ckpt["history"]
+    loop.step, loop.history, loop.resume_at = ckpt["step"], ckpt["history"], ckpt.get("partial")
     checkpoint.set_rng_state(ckpt["rng"])
-    run.log(f"resumed from {run.resume_from} (epoch {ckpt['epoch'] + 1} done)")
+    run.log(f"resumed from {path} (epoch {ckpt['epoch'] + 1} done, step {loop.step})")
     return ckpt["epoch"] + 1
 
 
-def train_epoch(run: TokenizerRun, loop: Loop, loader: DataLoader, epoch: int) -> dict:
-    """One epoch of the kind's loss through the shared loop; the loss sees the share of training done."""
-    cfg, steps = run.cfg, loop.steps_per_epoch
+def train_epoch(run: TokenizerRun, loop: Loop, loader: DataLoader, epoch: int) -> dict | None:
+    """One epoch of the kind's loss through the shared loop (or the rest of one a signal interrupted); the loss
+    sees the share of training done. None: a signal stopped it (mimkit.loop.train_one_epoch)."""
+    cfg, steps, skip = run.cfg, loop.steps_per_epoch, loop.start_of(epoch)
     run.tok.train()
-    its = itertools.count()
+    its = itertools.count(skip)
+    if skip:
+        loader = make_loader(loader.dataset, cfg.batch_size, cfg.data, drop_last=True,
+                             sampler=SkipSampler(loader.sampler, skip * cfg.batch_size),
+                             pin_memory=run.device.type == "cuda")
+    # the loader's draw from the global generator where an uninterrupted run draws (mimkit.engine.epoch_batches)
+    batches = quiet_iter(loader) if skip or (loader.num_workers > 0 and epoch > 0) else loader
 
     def forward(batch) -> dict:
         progress = (epoch * steps + next(its)) / (cfg.epochs * steps)
         return run.training.loss(batch[0].to(run.device, non_blocking=True), progress)
 
-    return train_one_epoch(loop, loader, epoch, forward)
+    return train_one_epoch(loop, batches, epoch, forward)
 
 
 def evaluate_and_draw(run: TokenizerRun, epoch: int, vis_imgs: torch.Tensor) -> dict:
@@ -178,11 +187,19 @@ def log_epoch(run: TokenizerRun, loop: Loop, record: dict) -> None:
             run.writer.add_scalar(f"epoch/{k}", v, record["epoch"])
 
 
-def save_checkpoint(run: TokenizerRun, loop: Loop, epoch: int) -> None:
+def save_checkpoint(run: TokenizerRun, loop: Loop, epoch: int, partial: dict | None = None) -> None:
+    """checkpoints/last.pt after epoch `epoch` (and `partial`: the next epoch's progress when a signal stopped
+    it); the file it replaces stays as last.prev.pt."""
     checkpoint.save({"mimkit": "tokenizer_train", "model": run.tok.state_dict(),
                      "optimizer": loop.optimizer.state_dict(), "epoch": epoch, "step": loop.step,
-                     "history": loop.history, "config": to_dict(run.cfg), "rng": checkpoint.rng_state()},
-                    loop.ckpt_path)
+                     "history": loop.history, "config": to_dict(run.cfg), "rng": checkpoint.rng_state(),
+                     **({"partial": partial} if partial else {})}, loop.ckpt_path, keep_previous=True)
+
+
+def stop(run: TokenizerRun, loop: Loop, where: str) -> None:
+    """End a run a signal stopped (its checkpoint written): mimkit.interrupts prints how to resume."""
+    run.writer.close()
+    raise interrupts.Interrupted(loop.stopped, str(loop.ckpt_path), where)
 
 
 def end_epoch(run: TokenizerRun, loop: Loop, epoch: int, record: dict, vis_imgs: torch.Tensor) -> None:
@@ -192,7 +209,7 @@ def end_epoch(run: TokenizerRun, loop: Loop, epoch: int, record: dict, vis_imgs:
         record.update(evaluate_and_draw(run, epoch, vis_imgs))
     loop.history.append(record)
     log_epoch(run, loop, record)
-    if (epoch + 1) % cfg.ckpt.every == 0 or last:
+    if (epoch + 1) % cfg.ckpt.every == 0 or last or loop.stopped:
         save_checkpoint(run, loop, epoch)
 
 
@@ -209,9 +226,16 @@ def train_gradient(run: TokenizerRun) -> list[dict]:
     run.log(f"{cfg.kind} tokenizer on {cfg.data.name}: {len(run.train_set)} images, {len(loader)} steps/epoch, "
             f"lr {loop.base_lr:.3g}, {sum(p.numel() for p in tok.parameters() if p.requires_grad) / 1e6:.2f}M "
             f"trainable parameters")
-    for epoch in range(start, cfg.epochs):
-        sampler.set_epoch(epoch)
-        end_epoch(run, loop, epoch, train_epoch(run, loop, loader, epoch), vis_imgs)
+    with interrupts.armed():
+        for epoch in range(start, cfg.epochs):
+            sampler.set_epoch(epoch)
+            record = train_epoch(run, loop, loader, epoch)
+            if record is None:
+                save_checkpoint(run, loop, epoch - 1, loop.partial)
+                stop(run, loop, f"step {loop.step} (epoch {epoch + 1}, iteration {loop.partial['it']})")
+            end_epoch(run, loop, epoch, record, vis_imgs)
+            if loop.stopped and epoch + 1 < cfg.epochs:
+                stop(run, loop, f"step {loop.step} (end of epoch {epoch + 1})")
     return loop.history
 
 
