@@ -1,6 +1,6 @@
 """Official checkpoints as mimkit files (`mimkit convert IN OUT`, and on load wherever a pretraining checkpoint is
 read): facebookresearch/mae's becomes a mimkit MAE pretraining checkpoint (encoder and, when the file has it, the
-decoder), so probes read it and pretraining continues from it; the formats whose encoder mimkit's ViT does not
+decoder), so probes read it and pretraining continues from it (`model.init_from`); the formats whose encoder mimkit's ViT does not
 compute (BEiT's relative position bias and q/v biases, I-JEPA's missing CLS token) become a timm weights file
 (safetensors, the timm.create_model kwargs in its metadata) that `--checkpoint timm:<arch> --weights FILE` reads."""
 from __future__ import annotations
@@ -67,6 +67,21 @@ def mae_checkpoint(state: dict[str, torch.Tensor], path: str | Path) -> dict:
     with_decoder = "decoder.embed.weight" in converted
     return {"mimkit": "pretrain", "model": model.state_dict(), "config": to_dict(cfg), "epoch": -1, "step": 0,
             "history": [], "converted_from": {"format": "mae", "file": str(path), "decoder": with_decoder}}
+
+
+def init_from(model: torch.nn.Module, path: str | Path) -> None:
+    """`model.init_from`: a pretraining checkpoint's model weights (mimkit's, or an official MAE file converted)
+    loaded into `model` before training; every tensor of the file must fit one of the model's."""
+    state = load_pretrain(path)["model"]
+    ours = model.state_dict()
+    bad = [k for k, v in state.items() if k not in ours or ours[k].shape != v.shape]
+    if bad:
+        k = bad[0]
+        theirs = tuple(state[k].shape)
+        raise CheckpointError(f"model.init_from={path}: {len(bad)} of its tensors do not fit this run's model (first: "
+                              f"{k} {theirs} vs {tuple(ours[k].shape) if k in ours else 'no such key'}); the run "
+                              f"needs the file's method and model/decoder shape")
+    model.load_state_dict(state, strict=False)
 
 
 def official(path: str | Path) -> tuple[str, dict[str, torch.Tensor]]:

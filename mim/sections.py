@@ -105,6 +105,9 @@ class ModelConfig:
     mlp_ratio: float = 4.0
     drop_path: float = 0.0
     layer_scale: float = 0.0  # LayerScale init value (BEiT: 0.1); 0 = off
+    # start from this pretraining checkpoint's model weights (mimkit, or an official MAE file converted on load)
+    # with a fresh optimizer and schedule; a resumed run's weights are its own checkpoint's
+    init_from: str = ""
 
     def resolved(self) -> dict[str, int]:
         """embed_dim/depth/num_heads after applying the arch preset to the zero fields."""

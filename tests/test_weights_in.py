@@ -224,3 +224,22 @@ def test_probe_and_convert_an_official_mae_file(tmp_path, capsys):
     args = ["probe", "knn", "--checkpoint", str(path), "data.name=synthetic", "data.synthetic_size=64",
             "data.img_size=16", "knn.random_init=false", f"output_dir={tmp_path / 'knn'}"]
     assert main(args) == 0
+
+
+def test_pretraining_continues_from_an_official_mae_file(tmp_path):
+    """model.init_from=FILE: the run starts from the official encoder and decoder (a fresh optimizer); a file of
+    another shape is one error before anything is written."""
+    from mimkit.engine import setup
+    torch.manual_seed(4)
+    _, state = official_mae()
+    path = tmp_path / "mae_visualize.pth"
+    torch.save({"model": state}, path)
+    shape = ["method=mae", "data.name=synthetic", "data.img_size=16", "model.patch_size=4", f"model.embed_dim={DIM}",
+             f"model.depth={DEPTH}", f"model.num_heads={HEADS}", "decoder.embed_dim=128", "decoder.depth=2",
+             "decoder.num_heads=2", f"model.init_from={path}"]
+    run = setup(pretrain_config([], [*shape, f"output_dir={tmp_path / 'run'}"]))
+    expected = load_pretrain(path)["model"]
+    assert all(torch.equal(v, expected[k]) for k, v in run.model.state_dict().items())
+    with pytest.raises(CheckpointError, match="decoder.blocks.1"):
+        setup(pretrain_config([], [*shape, "decoder.depth=1", f"output_dir={tmp_path / 'other'}"]))
+    assert not (tmp_path / "other").exists()
