@@ -4,6 +4,7 @@ metrics.json. Exact resume: checkpoints hold the model, optimizer, step, history
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -11,13 +12,14 @@ from typing import Any, Callable
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
-from . import checkpoint, dist, rundir
+from . import checkpoint, dist, interrupts, rundir
 from .config import ConfigError, to_dict
 from .convert import init_from
 from .data import (EpochSampler, MaskedImages, Transformed, build_dataset, dataset_stats, eval_transform, make_loader,
                    num_workers, pretrain_transform)
 from .images import normalize_uint8
-from .loop import Loop, RunLog, build_optimizer, place_model, train_one_epoch, write_metrics
+from .loop import (Loop, RunLog, SkipSampler, build_optimizer, place_model, quiet_iter, train_one_epoch,
+                   write_metrics)
 from .masking import build_mask_generator
 from .methods import build_method, validate
 from .writers import open_writers
@@ -48,12 +50,15 @@ def write_run_dir(cfg) -> Path:
 
 
 def save_checkpoint(path: Path, model, optimizer, epoch: int, step: int, cfg, history: list,
-                    rng_ranks: list | None = None) -> None:
-    """`rng_ranks`: every rank's generator states (ranks draw different drop paths), rank 0's by default."""
+                    rng_ranks: list | None = None, partial: dict | None = None) -> None:
+    """`rng_ranks`: every rank's generator states (ranks draw different drop paths), rank 0's by default.
+    `partial`: the progress of epoch `epoch + 1`, stopped by a signal (mimkit.loop.Loop.partial). The file it
+    replaces stays as last.prev.pt."""
     rng_ranks = rng_ranks or [checkpoint.rng_state()]
     checkpoint.save({"mimkit": "pretrain", "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "epoch": epoch, "step": step, "config": to_dict(cfg), "history": history,
-                     "rng": rng_ranks[0], "rng_ranks": rng_ranks}, path)
+                     "rng": rng_ranks[0], "rng_ranks": rng_ranks, **({"partial": partial} if partial else {})},
+                    path, keep_previous=True)
 
 
 def restore_rng(ckpt: dict, seed: int) -> None:
@@ -107,16 +112,18 @@ def build_data(cfg, device: torch.device):
     return images, sampler, loader, mask_gen
 
 
-def resume(path: Path, model, optimizer, loop: Loop, seed: int) -> int:
-    """Load a checkpoint into the model, optimizer and loop; returns the first epoch still to train."""
-    ckpt = checkpoint.load(path)
+def resume(path: Path, model, optimizer, loop: Loop, seed: int, fallback: bool = False) -> int:
+    """Load a checkpoint into the model, optimizer and loop; returns the first epoch still to train (an epoch a
+    signal interrupted continues where it stopped). `fallback` (resume=auto): a damaged last.pt gives way to
+    last.prev.pt, with a warning."""
+    ckpt, path = checkpoint.load_resumable(path, "pretrain", loop.log, fallback)
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise checkpoint.CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]}); "
                                          f"was it trained with another architecture or method?") from None
     optimizer.load_state_dict(ckpt["optimizer"])
-    loop.step, loop.history = ckpt["step"], ckpt.get("history", [])
+    loop.step, loop.history, loop.resume_at = ckpt["step"], ckpt.get("history", []), ckpt.get("partial")
     restore_rng(ckpt, seed)
     return ckpt["epoch"] + 1
 
@@ -149,7 +156,8 @@ def setup(cfg) -> PretrainRun:
     optimizer = build_optimizer(model, cfg, device)
     out = resolve_output_dir(cfg)
     loop = Loop(cfg, model, optimizer, device, len(loader), log=RunLog(out), ckpt_path=out / "checkpoints" / "last.pt")
-    start_epoch = 0 if resume_from is None else resume(resume_from, model, optimizer, loop, cfg.seed)
+    start_epoch = 0 if resume_from is None else resume(resume_from, model, optimizer, loop, cfg.seed,
+                                                       cfg.resume == "auto")
     if cfg.model.init_from and resume_from is None:
         init_from(model, cfg.model.init_from)
     updates = cfg.epochs * (len(loader) // cfg.accum_iter)
@@ -171,9 +179,41 @@ def setup(cfg) -> PretrainRun:
                        panel_inputs(cfg, mask_gen, device), start_epoch)
 
 
+def epoch_batches(run: PretrainRun, epoch: int):
+    """The epoch's batches: all of them, or the rest of an epoch a signal interrupted. A DataLoader draws its
+    workers' seed from the global generator when its iterator is made: once per epoch without workers, once per
+    process with (persistent) workers; a resumed run draws where an uninterrupted one does, and only there."""
+    skip = run.loop.start_of(epoch)
+    if not isinstance(run.sampler, EpochSampler):  # a loader that is its own sampler: read past what was trained
+        return itertools.islice(run.loader, skip, None) if skip else run.loader
+    loader = run.loader if not skip else make_loader(
+        run.loader.dataset, run.cfg.batch_size, run.cfg.data, drop_last=True,
+        sampler=SkipSampler(run.sampler, skip * run.cfg.batch_size), pin_memory=run.device.type == "cuda")
+    return quiet_iter(loader) if skip or (loader.num_workers > 0 and epoch > 0) else loader
+
+
+def save_now(run: PretrainRun, epoch: int, partial: dict | None = None) -> None:
+    """checkpoints/last.pt after epoch `epoch` (and `partial`, the next one's progress), written by rank 0."""
+    rng_ranks = dist.all_gather_object(checkpoint.rng_state())  # collective: every rank takes part
+    if dist.is_main():
+        loop = run.loop
+        save_checkpoint(loop.ckpt_path, run.model, loop.optimizer, epoch, loop.step, run.cfg, loop.history, rng_ranks,
+                        partial)
+    dist.barrier()
+
+
+def stop(run: PretrainRun, where: str) -> None:
+    """End a run a signal stopped (its checkpoint written): mimkit.interrupts prints how to resume."""
+    if run.loop.writer is not None:
+        run.loop.writer.close()
+    raise interrupts.Interrupted(run.loop.stopped, str(run.loop.ckpt_path), where, dist.is_main())
+
+
 def run_epoch(run: PretrainRun, epoch: int) -> dict:
-    """Train one epoch; log it, draw the panel every vis_every epochs, checkpoint every ckpt.every epochs."""
-    cfg, loop, replaced = run.cfg, run.loop, []
+    """Train one epoch; log it, draw the panel every vis_every epochs, checkpoint every ckpt.every epochs (and
+    when a signal stops the run, mid-epoch if need be)."""
+    cfg, loop = run.cfg, run.loop
+    replaced = [torch.tensor(loop.resume_at.get("replaced", 0))] if loop.start_of(epoch) else []
     run.sampler.set_epoch(epoch)
     run.train_model.train()
 
@@ -185,7 +225,10 @@ def run_epoch(run: PretrainRun, epoch: int) -> dict:
             imgs = normalize_uint8(imgs, *dataset_stats(cfg.data.name))
         return run.train_model(imgs, mask.to(run.device, non_blocking=True))
 
-    record = train_one_epoch(loop, run.loader, epoch, forward)
+    record = train_one_epoch(loop, epoch_batches(run, epoch), epoch, forward)
+    if record is None:
+        save_now(run, epoch - 1, {**loop.partial, "replaced": sum(int(r.sum()) for r in replaced)})
+        stop(run, f"step {loop.step} (epoch {epoch + 1}, iteration {loop.partial['it']})")
     record["replaced_images"] = int(dist.all_reduce_sum(sum(int(r.sum()) for r in replaced), run.device))
     loop.history.append(record)
     extras = {k: v for k, v in record.items() if k not in RECORD_KEYS}
@@ -199,11 +242,12 @@ def run_epoch(run: PretrainRun, epoch: int) -> dict:
             panel = run.model.visualize(*run.vis)
             if panel is not None:
                 loop.writer.add_image(f"{cfg.method}/{run.model.panel_name}", panel, epoch + 1)
-    if (epoch + 1) % cfg.ckpt.every == 0 or epoch + 1 == cfg.epochs:
-        rng_ranks = dist.all_gather_object(checkpoint.rng_state())  # collective: every rank takes part
-        if dist.is_main():
-            save_checkpoint(loop.ckpt_path, run.model, loop.optimizer, epoch, loop.step, cfg, loop.history, rng_ranks)
-    dist.barrier()
+    if (epoch + 1) % cfg.ckpt.every == 0 or epoch + 1 == cfg.epochs or loop.stopped:
+        save_now(run, epoch)
+    else:
+        dist.barrier()
+    if loop.stopped and epoch + 1 < cfg.epochs:
+        stop(run, f"step {loop.step} (end of epoch {epoch + 1})")
     return record
 
 
@@ -239,6 +283,7 @@ def finalize(run: PretrainRun, after: AfterTraining | None = None) -> dict:
 def train(cfg, after: AfterTraining | None = None) -> dict:
     """Pretrain cfg.method as configured; `after` runs on the trained model before metrics.json is written."""
     run = setup(cfg)
-    for epoch in range(run.start_epoch, cfg.epochs):
-        run_epoch(run, epoch)
+    with interrupts.armed():
+        for epoch in range(run.start_epoch, cfg.epochs):
+            run_epoch(run, epoch)
     return finalize(run, after)
