@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from . import interrupts
-from .config import ConfigError
+from .config import ConfigError, one_line
 
 
 def user_errors() -> tuple[type[Exception], ...]:
@@ -77,7 +77,7 @@ class Parser(argparse.ArgumentParser):
     returning the text (called once, when the help is printed)."""
 
     def error(self, message: str):  # one line, exit 2 (argparse prints usage first by default)
-        sys.stderr.write(f"error: {message}\n")
+        sys.stderr.write(f"error: {one_line(message)}\n")
         sys.exit(2)
 
     def format_help(self) -> str:
@@ -106,9 +106,12 @@ def run(func, args) -> int:
     except interrupts.Interrupted as e:
         return interrupts.report(e, getattr(args, "argv", sys.argv[1:]))
     except Exception as e:  # an error class's module is imported by the time one of them is raised
+        if isinstance(e, RuntimeError) and "DataLoader worker" in str(e):  # torch's own error for a dead worker
+            from .data import loader_died
+            e = loader_died(e) or e
         if not isinstance(e, ConfigError) and not isinstance(e, user_errors()) or getattr(args, "debug", False):
             raise
-        sys.stderr.write(f"error: {e}\n")
+        sys.stderr.write(f"error: {one_line(e)}\n")
         return 2
     except KeyboardInterrupt:
         sys.stderr.write("error: interrupted\n")

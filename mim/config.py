@@ -12,6 +12,8 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import functools
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +23,20 @@ import yaml
 
 
 class ConfigError(ValueError):
-    """A user mistake in a config file, an override or a command-line argument."""
+    """A user mistake in a config file, an override or a command-line argument. The message stays one line: a line
+    break the user typed into a key or value is shown escaped (`\\n`)."""
+
+    def __init__(self, message: str):
+        super().__init__(one_line(message))
+
+
+# every character str.splitlines() breaks at -> its escape
+LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
+def one_line(text: Any) -> str:
+    """`text` with its line breaks escaped: a key, value or path the user typed stays on the error's one line."""
+    return str(text).translate(LINE_BREAKS)
 
 
 def choices(*values: str, default: str) -> Any:
@@ -116,19 +131,28 @@ def _unknown(key: str, valid: list[str], section: str, where: str) -> ConfigErro
     return ConfigError(f"unknown config key '{key}'{source}{hint}; valid keys in {section}: {', '.join(valid)}")
 
 
+def _scalar(text: str) -> Any:
+    """One piece of a list given as text (`[0.9,0.95]` on the command line) as YAML reads it; text it cannot read
+    stays text (the type check then names the key)."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def _coerce(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
     origin = typing.get_origin(tp)
     if origin is tuple:
         args = typing.get_args(tp)
         if isinstance(value, str):
-            value = [yaml.safe_load(v) for v in value.strip("()[] ").split(",")]
+            value = [_scalar(v) for v in value.strip("()[] ").split(",")]
         if not isinstance(value, (list, tuple)) or len(value) != len(args):
             raise ConfigError(f"{key} must be a list of {len(args)} numbers, e.g. {key}=[0.9,0.95]; got {value!r}")
         return tuple(_coerce(key, v, a, {}) for v, a in zip(value, args))
     if origin is list:  # any length, e.g. fsq.levels=[8,5,5,5]
         (arg,) = typing.get_args(tp)
         if isinstance(value, str):
-            value = [yaml.safe_load(v) for v in value.strip("()[] ").split(",") if v.strip()]
+            value = [_scalar(v) for v in value.strip("()[] ").split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key} must be a list, e.g. {key}=[1,2]; got {value!r}")
         return [_coerce(key, v, arg, {}) for v in value]
@@ -150,6 +174,8 @@ def _coerce(key: str, value: Any, tp: Any, meta: typing.Mapping) -> Any:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key} must be a number; got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be a finite number; got {value!r}")
         return float(value)
     if tp is str:
         if isinstance(value, (dict, list)):
@@ -201,16 +227,36 @@ def flatten(d: dict, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def parse_yaml(text: str, where: str) -> Any:
+    """YAML through PyYAML's safe loader only: no Python object is ever built. A syntax error or a tag the safe
+    loader refuses (`!!python/object:...`, `!!python/name:...`, any `!!python/` tag) is one ConfigError naming
+    `where` and the line."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = str(getattr(e, "problem", None) or e).splitlines()[0]
+        tag = re.search(r"constructor for the tag '([^']*)'", problem)
+        if tag:
+            name = tag.group(1).replace("tag:yaml.org,2002:", "!!")
+            raise ConfigError(f"{where}{at}: YAML tag {name} refused; mimkit reads plain YAML values only "
+                              f"(a !!python/ tag would build or run Python objects)") from None
+        raise ConfigError(f"YAML syntax error in {where}{at}: {problem}") from None
+
+
 def load_yaml(path: str | Path) -> dict:
+    """A YAML file holding a mapping (config files, study files, a run directory's config.yaml), read safely."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"YAML syntax error in {path}{where}: {getattr(e, 'problem', e)}") from None
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config file {path}: {getattr(e, 'strerror', None) or e}") from None
+    data = parse_yaml(text, str(path))
+    if data is None:
+        return {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping of config keys, got {type(data).__name__}")
     return data

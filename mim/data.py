@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 import math
 import os
+import pickle
+import time
 import warnings
 from pathlib import Path
 
@@ -28,8 +30,21 @@ from .images import uint8_normalizer
 from .sections import (CIFAR10_STATS, DATA_PRESETS, DATASETS, DIGITS_STATS, FOLDERS,  # noqa: F401  (re-exported)
                        IMAGENET_STATS, DataConfig, validate_data)
 
+
 class DataError(RuntimeError):
-    """Unreadable or missing data: the message names the path."""
+    """Unreadable or missing data: the message names the path. One raised in a loader worker reaches the main
+    process re-created by torch with the worker's traceback in its message: only its own line is kept."""
+
+    def __init__(self, message: str = ""):
+        lines = str(message).strip().splitlines()
+        if len(lines) > 1 and lines[0].startswith("Caught DataError"):
+            message = lines[-1].split("DataError: ", 1)[-1]
+        super().__init__(message)
+
+
+def message_line(e: Exception) -> str:
+    """An exception's message on one line (decoders' and torch's messages span several)."""
+    return " ".join(str(e).split())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -37,7 +52,7 @@ class DataError(RuntimeError):
 
 
 class TensorImages(Dataset):
-    """In-memory float images [n, C, H, W] in [0, 1] with integer labels."""
+    """In-memory images [n, C, H, W], float in [0, 1] or uint8, with integer labels."""
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor, classes: list[str]):
         self.images, self.labels, self.classes = images, labels, classes
@@ -92,18 +107,28 @@ def read_rgb(path: str) -> torch.Tensor:
         return TF.pil_to_tensor(Image.open(f).convert("RGB"))
 
 
+RETRY_WAIT = 0.05  # seconds before the first retry of a failed read; doubled at each further one
+
+
 class CheckedImageFolder(ImageFolder):
-    """ImageFolder of uint8 tensors whose read errors name the file (torchvision's name only the decoder)."""
+    """ImageFolder of uint8 tensors whose read errors name the file (torchvision's name only the decoder). A read
+    that fails is tried again up to `retries` times after a short, doubling wait (a file on a network filesystem
+    may be missing or unreadable for a moment) before it is an error."""
+    retries: int = 3
 
     def __getitem__(self, i: int):
         path, label = self.samples[i]
-        try:
-            return read_rgb(path), label
-        except Exception as e:  # the decoders raise several types for truncated or non-image files
-            raise DataError(f"cannot read image {path}: {e}") from None
+        for attempt in range(self.retries + 1):
+            try:
+                return read_rgb(path), label
+            except Exception as e:  # the decoders raise several types for truncated or non-image files
+                if attempt == self.retries:
+                    tries = f" ({attempt + 1} attempts)" if attempt else ""
+                    raise DataError(f"cannot read image {path}{tries}: {message_line(e)}") from None
+                time.sleep(RETRY_WAIT * 2 ** attempt)
 
 
-def image_folder(root: str, split: str) -> CheckedImageFolder:
+def image_folder(root: str, split: str, retries: int = 3) -> CheckedImageFolder:
     base = Path(root)
     if not base.is_dir():
         raise DataError(f"data.root {root!r} does not exist; point it at a folder with train/ and val/ or test/")
@@ -119,7 +144,88 @@ def image_folder(root: str, split: str) -> CheckedImageFolder:
     for c in classes:
         if not any(f.lower().endswith(IMG_EXTENSIONS) for f in os.listdir(folder / c)):
             raise DataError(f"class folder {folder / c} has no images ({', '.join(IMG_EXTENSIONS[:4])}, ...)")
-    return CheckedImageFolder(str(folder))
+    ds = CheckedImageFolder(str(folder))
+    ds.retries = retries
+    return ds
+
+
+# ---------------------------------------------------------------------------------------------
+# CIFAR-10 as torchvision keeps it: the official pickled batches
+
+CIFAR10_BATCHES = "cifar-10-batches-py"
+CIFAR10_FILES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+# the official label order, which is also the sorted class folders' order: labels agree between the layouts
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+class BatchUnpickler(pickle.Unpickler):
+    """Pickle is CIFAR-10's own format: dicts of lists, bytes and numpy arrays (bytes written by Python 3 at
+    protocol 2 come through `_codecs.encode`). A file naming any other global (code a pickle would run) is refused
+    before anything is built."""
+    ALLOWED = {("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "_reconstruct"),
+               ("numpy._core.multiarray", "_reconstruct"), ("_codecs", "encode")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"it names {module}.{name}, which is not part of the CIFAR-10 format")
+        return super().find_class(module, name)
+
+
+def cifar10_batches(root: str) -> Path | None:
+    """The folder of torchvision's CIFAR-10 batches: data.root/cifar-10-batches-py or data.root itself."""
+    for folder in (Path(root) / CIFAR10_BATCHES, Path(root)):
+        if (folder / "data_batch_1").is_file():
+            return folder
+    return None
+
+
+def read_cifar10_batch(path: Path) -> tuple[np.ndarray, list[int]]:
+    """(uint8 images [n, 3, 32, 32], labels) of one batch file; its keys as Python 2 wrote them (b'data',
+    b'labels') or as torchvision reads them ('data', 'labels')."""
+    try:
+        with open(path, "rb") as f:
+            batch = BatchUnpickler(f, encoding="latin1").load()  # latin1: Python 2's str arrays, as torchvision
+        batch = {k.decode() if isinstance(k, bytes) else k: v for k, v in batch.items()}
+        labels = [int(y) for y in batch["labels"]]
+        if not all(0 <= y < len(CIFAR10_CLASSES) for y in labels):
+            raise ValueError("labels outside 0-9")
+        # each row: 1024 red, then 1024 green, then 1024 blue values, row-major
+        images = np.asarray(batch["data"], dtype=np.uint8).reshape(len(labels), 3, 32, 32)
+    except (OSError, EOFError, pickle.UnpicklingError, AttributeError, KeyError, TypeError, ValueError) as e:
+        raise DataError(f"cannot read CIFAR-10 batch {path}: {type(e).__name__}: {message_line(e)}") from None
+    return images, labels
+
+
+def cifar10_pickled(folder: Path, split: str) -> TensorImages:
+    """A split of torchvision's CIFAR-10 layout, held in memory as uint8 images [3, 32, 32]: the pixels a folder
+    of the same images as PNGs decodes to."""
+    parts = [read_cifar10_batch(folder / name) for name in CIFAR10_FILES[split]]
+    images = torch.from_numpy(np.concatenate([p[0] for p in parts]))
+    return TensorImages(images, torch.tensor([y for p in parts for y in p[1]]), list(CIFAR10_CLASSES))
+
+
+def download_cifar10(root: str) -> None:
+    """torchvision's downloader: the official archive (its MD5 checked), unpacked into root/cifar-10-batches-py."""
+    from torchvision.datasets import CIFAR10
+    try:
+        CIFAR10(root, train=True, download=True)
+    except (OSError, RuntimeError) as e:  # no network, a proxy, a full disk, a bad checksum
+        raise DataError(f"cannot download CIFAR-10 into data.root {root!r}: {message_line(e)}") from None
+
+
+def cifar10(data_cfg, split: str) -> Dataset:
+    """CIFAR-10 in either layout under data.root: torchvision's batches (fetched first with data.download=true
+    when data.root holds neither), else train/ and test/ image folders."""
+    root = data_cfg.root
+    if cifar10_batches(root) is None and data_cfg.download and not (Path(root) / "train").is_dir():
+        download_cifar10(root)
+    folder = cifar10_batches(root)
+    if folder is not None:
+        return cifar10_pickled(folder, split)
+    if Path(root).is_dir() and not (Path(root) / "train").is_dir():
+        raise DataError(f"data.root {root!r} holds neither torchvision's {CIFAR10_BATCHES}/ nor train/ and test/ "
+                        f"image folders; data.download=true fetches the former into it")
+    return image_folder(root, split, data_cfg.read_retries)
 
 
 def build_dataset(data_cfg, split: str, limit: int = 0) -> Dataset:
@@ -129,8 +235,10 @@ def build_dataset(data_cfg, split: str, limit: int = 0) -> Dataset:
         ds = digits(split)
     elif name == "synthetic":
         ds = synthetic(split, data_cfg.synthetic_size, data_cfg.img_size)
+    elif name == "cifar10":
+        ds = cifar10(data_cfg, split)
     elif name in FOLDERS:
-        ds = image_folder(data_cfg.root, split)
+        ds = image_folder(data_cfg.root, split, data_cfg.read_retries)
     elif name == "webdataset":
         from .shards import ShardIndex, expand_urls
         urls = data_cfg.urls if split == "train" else data_cfg.test_urls
@@ -340,9 +448,33 @@ def num_workers(data_cfg) -> int:
     return 0 if DATASETS[data_cfg.name][1] else min(8, os.cpu_count() or 1)
 
 
+def loader_died(e: BaseException, workers: int | None = None, batch_size: int | None = None) -> DataError | None:
+    """The one error line for a loader worker that died (the out-of-memory killer's SIGKILL, most often): its cause
+    and the fix; None for any other error."""
+    msg = str(e)
+    if not (isinstance(e, RuntimeError) and "DataLoader worker" in msg
+            and ("killed by signal" in msg or "exited unexpectedly" in msg)):
+        return None
+    now = f" (now {workers} workers, batch_size {batch_size})" if workers is not None else ""
+    return DataError(f"a data loader worker died ({message_line(e)}), most often killed by the out-of-memory killer; "
+                     f"use fewer workers (data.num_workers) or a smaller batch_size{now}, or give the job more memory")
+
+
+class Loader(DataLoader):
+    """DataLoader whose dead worker is one DataError naming the cause and the fix, not torch's traceback."""
+
+    def __iter__(self):
+        try:
+            yield from super().__iter__()
+        except RuntimeError as e:
+            died = loader_died(e, self.num_workers, self.batch_size)
+            if died is None:
+                raise
+            raise died from None
+
+
 def make_loader(dataset: Dataset, batch_size: int, data_cfg, sampler=None, shuffle: bool = False,
-                drop_last: bool = False, pin_memory: bool = False) -> DataLoader:
+                drop_last: bool = False, pin_memory: bool = False) -> Loader:
     workers = num_workers(data_cfg)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
-                      num_workers=workers, pin_memory=pin_memory, drop_last=drop_last,
-                      persistent_workers=workers > 0)
+    return Loader(dataset, batch_size=batch_size, sampler=sampler, shuffle=shuffle if sampler is None else False,
+                  num_workers=workers, pin_memory=pin_memory, drop_last=drop_last, persistent_workers=workers > 0)

@@ -233,7 +233,8 @@ def run_epoch(run: PretrainRun, epoch: int) -> dict:
     loop.history.append(record)
     extras = {k: v for k, v in record.items() if k not in RECORD_KEYS}
     run.log(f"epoch {epoch + 1}/{cfg.epochs} loss {record['loss']:.4f} lr {loop.lr:.3g} "
-            f"{record['images_per_s']:.0f} img/s" + "".join(f" {k} {v:.4f}" for k, v in extras.items()))
+            f"{record['images_per_s']:.0f} img/s" + "".join(f" {k} {v:.4f}" for k, v in extras.items())
+            + (f" replaced_images {record['replaced_images']}" if record["replaced_images"] else ""))
     if loop.writer is not None:
         for k in ("loss", "images_per_s", *extras):
             loop.writer.add_scalar(f"epoch/{k}", record[k], epoch + 1)

@@ -7,10 +7,8 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import yaml
-
 from . import checkpoint, dist
-from .config import ConfigError, diff, dump_yaml, flatten, migrate
+from .config import ConfigError, diff, dump_yaml, flatten, load_yaml, migrate
 
 RUN_FILES = ("checkpoints", "tb", "metrics.json", "log.txt")
 
@@ -25,7 +23,7 @@ def check(out: Path, cfg, resume: str = "auto", overwrite: bool = False,
         if resume == "none":
             raise ConfigError(f"output_dir {out} already holds a run; use resume=auto to continue it, "
                               f"overwrite=true to start afresh, or another output_dir")
-        old = migrate(flatten(yaml.safe_load(saved.read_text()) or {}))
+        old = migrate(flatten(load_yaml(saved)))  # a tag or syntax error there is one line
         known = old  # keys a newer mimkit added are not a conflict
         changed = [k for k in diff(old, cfg) if k in known and not k.startswith(resumable)]
         if changed:

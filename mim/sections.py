@@ -12,7 +12,8 @@ IMAGENET_STATS = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
 CIFAR10_STATS = ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616))
 DIGITS_STATS = ((0.3052,) * 3, (0.3815,) * 3)  # mean/std of load_digits pixels / 16 (train split)
 
-# name -> (normalization stats, held in memory). Folder datasets (cifar10, imagefolder) read data.root.
+# name -> (normalization stats, held in memory). Folder datasets (cifar10, imagefolder) read data.root; cifar10 also
+# reads torchvision's layout (the pickled batches in data.root/cifar-10-batches-py), held in memory once read.
 DATASETS: dict[str, tuple[tuple, bool]] = {
     "digits": (DIGITS_STATS, True), "cifar10": (CIFAR10_STATS, False), "imagefolder": (IMAGENET_STATS, False),
     "synthetic": (((0.5,) * 3, (0.25,) * 3), True), "webdataset": (IMAGENET_STATS, False),
@@ -31,6 +32,8 @@ class DataConfig:
     hflip: bool = True
     num_workers: int = -1  # -1: 0 for in-memory data, else min(8, cpus)
     skip_corrupt: bool = False  # replace unreadable images with another sample (counted) instead of failing
+    read_retries: int = 3  # read an image that fails again up to N times (short backoff) before giving up on it
+    download: bool = False  # cifar10: fetch torchvision's cifar-10-batches-py into data.root when it is not there
     synthetic_size: int = 512  # number of images of the synthetic dataset
     urls: str = ""  # webdataset: training shards, e.g. /data/shards/train-{000000..000127}.tar, or pipe:CMD
     test_urls: str = ""  # webdataset: test shards (probes, panels; panels fall back to the first training shard)
@@ -42,6 +45,7 @@ def validate_data(data: DataConfig) -> None:
     check_range("data.limit", data.limit, 0)
     check_range("data.test_limit", data.test_limit, 0)
     check_range("data.img_size", data.img_size, 1)
+    check_range("data.read_retries", data.read_retries, 0)
     lo, hi = data.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale={list(data.crop_scale)} must satisfy 0 < min <= max <= 1")

@@ -230,7 +230,7 @@ def changed_keys(out: Path, cfg) -> list[str] | None:
     saved = out / "config.yaml"
     if not saved.is_file():
         return None
-    old = migrate(flatten(yaml.safe_load(saved.read_text()) or {}))
+    old = migrate(flatten(load_yaml(saved)))  # a tag or syntax error there is one line
     return [k for k in diff(old, cfg) if not k.startswith(NEUTRAL)]
 
 

@@ -26,6 +26,10 @@ def ws(tmp_path_factory):
     (root / "broken.yaml").write_text("optim: {blr: 1\n")
     (root / "unknown.yaml").write_text("optim:\n  lr: 0.1\n")
     (root / "afile").write_text("x")
+    (root / "tagged.yaml").write_text("optim: !!python/object/apply:os.system ['touch pwned']\n")
+    (root / "cifar_neither" / "other").mkdir(parents=True)
+    (root / "cifar_bad" / "cifar-10-batches-py").mkdir(parents=True)
+    (root / "cifar_bad" / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"\x80\x02}q")  # truncated pickle
     # a k-means tokenizer for 16 px images with 4 px patches (grid 4x4), 8 codes
     from mimkit.tokenizers.kmeans import KMeansTokenizer
     tok = KMeansTokenizer(16, 4, 8, [0.5] * 3, [0.25] * 3, dim=48)
@@ -80,6 +84,14 @@ CASES = [
     ("yaml not a mapping", ["pretrain", "--config", "{ws}/list.yaml"], ["list.yaml", "mapping"]),
     ("unknown key in yaml", ["pretrain", "--config", "{ws}/unknown.yaml"], ["optim.lr", "unknown.yaml"]),
     ("override without =", ["pretrain", "epochs"], ["key=value"]),
+    ("yaml with a python tag", ["pretrain", "--config", "{ws}/tagged.yaml"], ["tagged.yaml", "!!python/object/apply",
+                                                                          "refused"]),
+    ("line break in a key", ["pretrain", "opt\nim.blr=1"], ["opt\\nim.blr"]),
+    ("non-finite number", ["pretrain", *SYN, "optim.blr=.inf"], ["optim.blr", "finite"]),
+    ("negative read retries", ["pretrain", *SYN, "data.read_retries=-1"], ["data.read_retries"]),
+    ("cifar10 root with neither layout", ["pretrain", "data.name=cifar10", "data.root={ws}/cifar_neither"],
+     ["cifar-10-batches-py", "train/", "data.download=true"]),
+    ("cifar10 batch unreadable", ["pretrain", "data.name=cifar10", "data.root={ws}/cifar_bad"], ["data_batch_1"]),
     ("unwritable output dir", ["pretrain", *SYN, "output_dir={ws}/afile/run"], ["output_dir", "afile"]),
     ("existing run, other config", ["pretrain", *SYN, "epochs=1", "optim.blr=0.5", "output_dir={ws}/run"],
      ["optim.blr", "overwrite=true"]),
