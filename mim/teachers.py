@@ -280,9 +280,9 @@ class ProbeEncoder(nn.Module):
         normalization, from one forward."""
         model = self.teacher.model
         if self.teacher.spec["source"] == "openclip":
-            pooled, tokens = model(x)
-            proj = getattr(model, "proj", None)
-            tokens = tokens @ proj if proj is not None else tokens
+            out = model(x)  # (embedding, tokens) from OpenCLIP's own ViT; a timm-trunk tower gives the embedding
+            pooled = out[0] if isinstance(out, tuple) else out
+            tokens = self.teacher.tokens(x)
         else:
             feats = model.forward_features(x)
             pooled = model.forward_head(feats, pre_logits=True)
@@ -310,9 +310,11 @@ class ProbeEncoder(nn.Module):
     def first_and_patches(self, out: torch.Tensor) -> torch.Tensor:
         """A block's raw output -> [B, 1 + n, D]: its first token (or the patch mean), then its patch tokens."""
         model, source = self.teacher.model, self.teacher.spec["source"]
-        if source == "openclip" and not getattr(model.transformer, "batch_first", True):
+        native = getattr(model, "transformer", None) if source == "openclip" else None
+        if native is not None and not getattr(native, "batch_first", True):
             out = out.transpose(0, 1)  # older open_clip runs its blocks on [L, B, D]
-        prefix = getattr(model, "num_prefix_tokens", 1) if source == "timm" else 1
+        timm_model = model if source == "timm" else getattr(model, "trunk", None)
+        prefix = getattr(timm_model, "num_prefix_tokens", 1)
         first = out[:, :1] if prefix else out.mean(dim=1, keepdim=True)
         return torch.cat([first, out[:, prefix:]], dim=1)
 
