@@ -57,6 +57,11 @@ class Teacher(nn.Module):
                 return out.flatten(2).transpose(1, 2)
             return out[:, getattr(self.model, "num_prefix_tokens", 1):]
         if source == "openclip":
+            trunk = getattr(self.model, "trunk", None)
+            if trunk is not None:  # open_clip's timm towers (EVA02-CLIP, SigLIP) return no tokens: the trunk's,
+                # after its final norm, through the per-token part of its head (EVA02: the projection to 512)
+                x = trunk.forward_features(x)[:, getattr(trunk, "num_prefix_tokens", 1):]
+                return self.model.head(trunk.head(getattr(trunk, "fc_norm", nn.Identity())(x)))
             _, tokens = self.model(x)  # output_tokens=True: tokens after ln_post, before the projection
             proj = getattr(self.model, "proj", None)
             return tokens @ proj if proj is not None else tokens  # BEiT v2: CLIP tokens projected (512-d)
@@ -64,8 +69,10 @@ class Teacher(nn.Module):
 
     def blocks(self) -> nn.ModuleList:
         """The transformer blocks, in order (timm ViTs, OpenCLIP's visual tower, mimkit encoders)."""
-        if self.spec["source"] == "openclip":
+        if self.spec["source"] == "openclip" and hasattr(self.model, "transformer"):
             return self.model.transformer.resblocks
+        if self.spec["source"] == "openclip":
+            return self.model.trunk.blocks
         blocks = getattr(self.model, "blocks", None)
         if not isinstance(blocks, (nn.ModuleList, nn.Sequential)):
             raise ConfigError(f"teacher {self.spec.get('name', 'mimkit')} has no transformer blocks to take a layer "
@@ -97,8 +104,10 @@ class Teacher(nn.Module):
         finally:
             for h in handles:
                 h.remove()
-        transposed = self.spec["source"] == "openclip" and not getattr(self.model.transformer, "batch_first", True)
-        prefix = getattr(self.model, "num_prefix_tokens", 1) if self.spec["source"] == "timm" else 1
+        native = getattr(self.model, "transformer", None)  # OpenCLIP's own ViT (not a timm trunk)
+        transposed = native is not None and not getattr(native, "batch_first", True)
+        timm_model = self.model if self.spec["source"] == "timm" else getattr(self.model, "trunk", None)
+        prefix = getattr(timm_model, "num_prefix_tokens", 1)
         # older open_clip runs its blocks on [L, B, D]
         return [(seen[layer].transpose(0, 1) if transposed else seen[layer])[:, prefix:] for layer in layers]
 
@@ -165,8 +174,12 @@ def _openclip_visual(spec: dict):
     visual = open_clip.create_model(spec["name"]).visual  # architecture only; load_teacher loads the weights
     visual.output_tokens = True
     size = visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size
-    mean = getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
-    std = getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
+    # the normalization of the model's released weights (open_clip's table of pretrained tags, read without a
+    # download: SigLIP's is (0.5, 0.5, 0.5)); create_model without a tag gives every model OpenAI CLIP's
+    tags = open_clip.list_pretrained_tags_by_model(spec["name"])
+    released = open_clip.get_pretrained_cfg(spec["name"], tags[0]) if tags else {}
+    mean = released.get("mean") or getattr(visual, "image_mean", None) or open_clip.OPENAI_DATASET_MEAN
+    std = released.get("std") or getattr(visual, "image_std", None) or open_clip.OPENAI_DATASET_STD
     return visual, int(size), list(mean), list(std)
 
 

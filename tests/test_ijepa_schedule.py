@@ -25,7 +25,8 @@ class WarmupCosineSchedule:
             progress = float(self._step) / float(max(1, self.warmup_steps))
             return self.start_lr + progress * (self.ref_lr - self.start_lr)
         progress = float(self._step - self.warmup_steps) / float(max(1, self.T_max))
-        return max(self.final_lr, self.final_lr + (self.ref_lr - self.final_lr) * 0.5 * (1. + math.cos(math.pi * progress)))
+        new_lr = self.final_lr + (self.ref_lr - self.final_lr) * 0.5 * (1. + math.cos(math.pi * progress))
+        return max(self.final_lr, new_lr)
 
 
 class CosineWDSchedule:

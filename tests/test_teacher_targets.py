@@ -1,6 +1,8 @@
 """Continuous teacher targets (eva, maskdistill, milan): losses and feature normalization by hand, the teacher's
 block tokens, the methods' losses against a hand computation, the teacher outside the model, short runs."""
+import itertools
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -166,6 +168,62 @@ def test_readme_teacher_architectures_load_from_a_local_file(name, tmp_path):
     feats = teacher(imgs, ((0.5,) * 3, (0.25,) * 3), grid)
     assert feats.shape == (1, grid * grid, teacher.feature_dim())
     assert torch.equal(feats, source(imgs, ((0.5,) * 3, (0.25,) * 3), grid))
+
+
+def readme_teacher_rows() -> list[dict]:
+    """The rows of README's teacher table, by column name."""
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text().split("\n## Teachers\n", 1)[1]
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = [line for line in itertools.takewhile(lambda line: line.startswith("|"), lines[start:])]
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    rows = []
+    for line in table[2:]:
+        cells = [c.strip().strip("`") for c in line.strip("|").split("|")]
+        if len(cells) == len(head):
+            rows.append(dict(zip(head, cells)))
+    return rows
+
+
+OPENCLIP_ROWS = [r for r in readme_teacher_rows() if r["open_clip name"] not in ("", "—")]
+CLIP_STATS = ((0.4815, 0.4578, 0.4082), (0.2686, 0.2613, 0.2758))
+
+
+def table_stats(cell: str) -> tuple:
+    """The normalization column: "CLIP ..." or "(m, m, m), (s, s, s)"."""
+    if cell.startswith("CLIP"):
+        return CLIP_STATS
+    mean, std = cell.split("), (")
+    return tuple(tuple(float(v) for v in part.strip("() ").split(",")) for part in (mean, std))
+
+
+@pytest.mark.parametrize("row", OPENCLIP_ROWS, ids=[r["open_clip name"] for r in OPENCLIP_ROWS])
+def test_readme_openclip_architectures_match_the_table(row, tmp_path, monkeypatch):
+    """Each open_clip architecture of README's teacher table, built by open_clip from its own config with random
+    weights (the text tower and a native ViT's blocks cut to one: width, patch, input size, projection and the
+    timm trunks stay), saved as a whole CLIP, loaded back as `openclip:` teacher: its input size, token grid,
+    feature width and normalization are the table's. Nothing is downloaded (open_clip's table of released weights
+    is local)."""
+    open_clip = pytest.importorskip("open_clip")
+    name = row["open_clip name"]
+    cfg = json.loads(json.dumps(open_clip.get_model_config(name)))
+    cfg["text_cfg"]["layers"] = 1
+    if "layers" in cfg["vision_cfg"]:
+        cfg["vision_cfg"]["layers"] = 1
+    monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, cfg)  # under its own name, for this test only
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model(name).state_dict(), tmp_path / "clip.pt")
+    teacher = load_teacher(f"openclip:{name}", str(tmp_path / "clip.pt"))
+    patch, size = int(row["patch"]), int(row["input"])
+    assert teacher.input_size == size
+    grid = size // patch
+    x = torch.randn(2, 3, size, size)
+    feats = teacher.features(x)
+    assert feats.shape == (2, grid * grid, int(row["features (timm / open_clip)"].split("/")[-1]))
+    assert feats[0].std() > 0 and not torch.allclose(feats[0], feats[1])  # per image, per patch
+    assert teacher.block_tokens(x, -1).shape[:2] == (2, grid * grid)  # teacher.layer: the same grid
+    mean, std = table_stats(row["normalization"])
+    assert teacher.mean == pytest.approx(mean, abs=1e-4) and teacher.std == pytest.approx(std, abs=1e-4)
 
 
 def test_eva_resume_is_bitwise_exact(teacher_ckpt, tmp_path, monkeypatch):
