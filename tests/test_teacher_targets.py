@@ -1,5 +1,6 @@
 """Continuous teacher targets (eva, maskdistill, milan): losses and feature normalization by hand, the teacher's
 block tokens, the methods' losses against a hand computation, the teacher outside the model, short runs."""
+import functools
 import itertools
 import json
 from pathlib import Path
@@ -200,16 +201,18 @@ def table_stats(cell: str) -> tuple:
 @pytest.mark.parametrize("row", OPENCLIP_ROWS, ids=[r["open_clip name"] for r in OPENCLIP_ROWS])
 def test_readme_openclip_architectures_match_the_table(row, tmp_path, monkeypatch):
     """Each open_clip architecture of README's teacher table, built by open_clip from its own config with random
-    weights (the text tower and a native ViT's blocks cut to one: width, patch, input size, projection and the
-    timm trunks stay), saved as a whole CLIP, loaded back as `openclip:` teacher: its input size, token grid,
-    feature width and normalization are the table's. Nothing is downloaded (open_clip's table of released weights
-    is local)."""
+    weights (the text and image towers cut to one block: width, patch, input size and projection stay), saved as a
+    whole CLIP, loaded back as `openclip:` teacher: its input size, token grid, feature width and normalization are
+    the table's. Nothing is downloaded (open_clip's table of released weights is local)."""
     open_clip = pytest.importorskip("open_clip")
     name = row["open_clip name"]
     cfg = json.loads(json.dumps(open_clip.get_model_config(name)))
     cfg["text_cfg"]["layers"] = 1
     if "layers" in cfg["vision_cfg"]:
         cfg["vision_cfg"]["layers"] = 1
+    else:  # a timm trunk (EVA02, SigLIP): one block too
+        import timm
+        monkeypatch.setattr(timm, "create_model", functools.partial(timm.create_model, depth=1))
     monkeypatch.setitem(open_clip.factory._MODEL_CONFIGS, name, cfg)  # under its own name, for this test only
     torch.manual_seed(0)
     torch.save(open_clip.create_model(name).state_dict(), tmp_path / "clip.pt")
