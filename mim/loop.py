@@ -234,8 +234,7 @@ def train_one_epoch(loop: Loop, batches: Iterable, epoch: int, forward: Callable
     loop.optimizer.zero_grad(set_to_none=True)
     for it, batch in enumerate(bar, start):
         if it % cfg.accum_iter == 0:
-            lr = lr_at(epoch + it / loop.steps_per_epoch, cfg, base_lr)
-            set_lr(loop.optimizer, lr)
+            lr = set_schedule(loop.optimizer, epoch + it / loop.steps_per_epoch, cfg, base_lr)
         sync = loop.ddp is None or (it + 1) % cfg.accum_iter == 0
         with (contextlib.nullcontext() if sync else loop.ddp.no_sync()), dist.autocast(device, cfg.precision):
             outputs = forward(batch)
