@@ -36,3 +36,19 @@ def die_after_first_checkpoint(monkeypatch) -> None:
 @pytest.fixture
 def cfg_factory(tmp_path):
     return lambda *o: make_cfg(tmp_path, *o)
+
+
+@pytest.fixture(scope="module")
+def digits_teacher(tmp_path_factory):
+    """A random-init MAE encoder of the digits preset (8 px, patch 2, depth 4) as a mimkit checkpoint (the teacher
+    of the tokenizer tests)."""
+    import torch
+
+    from mimkit import checkpoint
+    from mimkit.config import to_dict
+    from mimkit.methods import MAE, pretrain_config
+    path = tmp_path_factory.mktemp("teacher") / "mae.pt"
+    cfg = pretrain_config([], ["data.name=digits"])
+    torch.manual_seed(0)
+    checkpoint.save({"mimkit": "pretrain", "model": MAE(cfg).state_dict(), "config": to_dict(cfg)}, path)
+    return path

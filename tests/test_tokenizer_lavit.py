@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimkit import checkpoint, engine
+from mimkit import engine
 from mimkit.cli import main
-from mimkit.config import to_dict
 from mimkit.losses import cross_entropy
 from mimkit.masking import prefer_kept
 from mimkit.tokenizers.base import Tokenizer
@@ -129,17 +128,6 @@ def test_ids_are_minus_one_exactly_at_dropped_patches_and_merged_ids_follow_the_
             else:
                 readers = [(t["reads"][b, i, j].item(), i) for i in range(16) if keep[b, i]]
                 assert merged[b, j] == ids[b, max(readers)[1]]
-
-
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    """A random-init MAE encoder of the digits preset (8 px, patch 2, depth 4) as a mimkit checkpoint."""
-    from mimkit.methods import MAE, pretrain_config
-    path = tmp_path_factory.mktemp("teacher") / "mae.pt"
-    cfg = pretrain_config([], ["data.name=digits"])
-    torch.manual_seed(0)
-    checkpoint.save({"mimkit": "pretrain", "model": MAE(cfg).state_dict(), "config": to_dict(cfg)}, path)
-    return path
 
 
 @pytest.fixture(scope="module")

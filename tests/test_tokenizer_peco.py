@@ -7,25 +7,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mimkit import checkpoint, engine
+from mimkit import engine
 from mimkit.cli import main
-from mimkit.config import ConfigError, to_dict
+from mimkit.config import ConfigError
 from mimkit.teachers import load_teacher
 from mimkit.tokenizers.base import Tokenizer
 from mimkit.tokenizers.config import tokenizer_config
 from mimkit.tokenizers.peco import PeCo, perceptual_loss, spread_layers
 from mimkit.tokenizers.train import train_tokenizer
-
-
-@pytest.fixture(scope="module")
-def digits_teacher(tmp_path_factory):
-    """A random-init MAE encoder of the digits preset (8 px, patch 2, depth 4) as a mimkit checkpoint."""
-    from mimkit.methods import MAE, pretrain_config
-    path = tmp_path_factory.mktemp("teacher") / "mae.pt"
-    cfg = pretrain_config([], ["data.name=digits"])
-    torch.manual_seed(0)
-    checkpoint.save({"mimkit": "pretrain", "model": MAE(cfg).state_dict(), "config": to_dict(cfg)}, path)
-    return path
 
 
 def test_spread_layers():
