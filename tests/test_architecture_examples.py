@@ -9,6 +9,7 @@ import torch
 from conftest import REPO
 from mimkit.cli import main
 from mimkit.methods import METHODS
+from mimkit.parts import METHOD_SECTIONS, RECIPES, TARGET_SECTIONS
 from mimkit.targets import TARGETS
 
 DOC = (REPO / "docs" / "architecture.md").read_text()
@@ -26,6 +27,7 @@ def mean_color():
     exec(compile(example("Add a target"), "architecture.md", "exec"), namespace)
     yield namespace["MeanColor"]
     TARGETS.pop("mean_color")
+    TARGET_SECTIONS.pop("mean_color")  # registering recorded its config section too (read by later configs)
 
 
 def test_toy_target_is_each_patch_mean_colour(mean_color):
@@ -93,3 +95,5 @@ def test_recipe_only_method_composes_existing_parts(tmp_path):
         assert model["head.weight"].shape[0] == 3 * 9 * 2 ** 2  # HOG: 3 channels x 9 bins x 2x2 cells
     finally:
         METHODS.pop("simmim_hog")
+        METHOD_SECTIONS.pop("simmim_hog")
+        RECIPES.pop("simmim_hog")

@@ -133,7 +133,7 @@ def test_linear_probe_on_separable_features_reaches_100(tmp_path):
     assert cfg.linear.mode == "cached"
     saved = {}
     run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), writer=NullWriter(), log=lambda m: None,
-                          num_classes=C, features=lambda split: data[split], save=saved.__setitem__)
+                          num_classes=C, features=lambda split, encoder=None: data[split], save=saved.__setitem__)
     m = run_linear(run)
     assert m["top1"] >= 99.0, m["history"][-3:]
     assert m["history"][-1]["loss"] < 0.5 * m["history"][0]["loss"]
@@ -146,7 +146,7 @@ def test_linear_probe_stops_on_a_nonfinite_loss():
     x[5, 0] = float("nan")  # one poisoned feature vector
     cfg = probe_config("linear", overrides=["data.name=synthetic", "checkpoint=x.pt", "epochs=2", "batch_size=16"])
     run = SimpleNamespace(cfg=cfg, device=torch.device("cpu"), writer=NullWriter(), log=lambda m: None,
-                          num_classes=4, features=lambda split: (x, y), save=lambda *a: None)
+                          num_classes=4, features=lambda split, encoder=None: (x, y), save=lambda *a: None)
     with pytest.raises(NonFiniteLossError, match=r"step \d+ \(epoch 1, iteration \d+\); lower optim.blr"):
         run_linear(run)
 
