@@ -231,7 +231,8 @@ def changed_keys(out: Path, cfg) -> list[str] | None:
     if not saved.is_file():
         return None
     old = migrate(flatten(load_yaml(saved)))  # a tag or syntax error there is one line
-    return [k for k in diff(old, cfg) if not k.startswith(NEUTRAL)]
+    # keys a newer mimkit added are not a change (as for resume=auto): a study outlives upgrades
+    return [k for k in diff(old, cfg) if k in old and not k.startswith(NEUTRAL)]
 
 
 def _flag(overwrite: bool) -> list[str]:
