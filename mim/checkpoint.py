@@ -29,6 +29,10 @@ class CheckpointError(RuntimeError):
     """A file that is missing, unreadable or not a mimkit checkpoint of the expected kind."""
 
 
+class OtherKind(CheckpointError):
+    """A readable file that is not a mimkit checkpoint of the kind asked for (a caller may try another kind)."""
+
+
 def atomic_write(path: str | Path, write) -> None:
     """Call write(file_object) on a temp file next to `path`, fsync it, then rename over `path`: a crash
     leaves either the old file or the new one, never a half-written file."""
@@ -172,7 +176,7 @@ def load(path: str | Path, kind: str = "pretrain") -> dict:
         raise CheckpointError(f"{path} is not a readable mimkit checkpoint ({type(e).__name__}: "
                               f"{str(e).splitlines()[0][:200] if str(e) else 'truncated or damaged'})") from None
     if not isinstance(ckpt, dict) or ckpt.get("mimkit") != kind:
-        raise CheckpointError(f"{path} is not a mimkit {kind} checkpoint (no 'mimkit: {kind}' marker)")
+        raise OtherKind(f"{path} is not a mimkit {kind} checkpoint (no 'mimkit: {kind}' marker)")
     check_format(ckpt, path)
     return ckpt
 

@@ -216,22 +216,21 @@ def timm_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     return state, export_kwargs(p)
 
 
-def is_tokenizer_file(path: str | Path) -> bool:
-    """Whether a torch file is a mimkit tokenizer (its "mimkit" marker)."""
+def read_tokenizer(path: str | Path) -> dict | None:
+    """The mimkit tokenizer a torch file holds, read by `checkpoint.load` (format and checksum verified: a
+    damaged tokenizer file is a CheckpointError naming it); None for a file of another kind."""
     p = Path(path)
     if p.suffix == ".safetensors" or not p.is_file():
-        return False
+        return None
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except Exception:
-        return False
-    return isinstance(obj, dict) and obj.get("mimkit") == "tokenizer"
+        return checkpoint.load(p, "tokenizer")
+    except checkpoint.OtherKind:
+        return None
 
 
-def export_tokenizer(src: str | Path, out: str | Path) -> str:
-    """A mimkit tokenizer file as safetensors: its tensors, and its kind and config as metadata (`Tokenizer.load`
-    reads it back)."""
-    ckpt = torch.load(src, map_location="cpu", weights_only=True)
+def export_tokenizer(ckpt: dict, out: str | Path) -> str:
+    """A mimkit tokenizer (`read_tokenizer`'s dict) as safetensors: its tensors, and its kind and config as
+    metadata (`Tokenizer.load` reads it back)."""
     write_safetensors(ckpt["state"], out, {"mimkit": "tokenizer", "kind": ckpt["kind"], "config": ckpt["config"]})
     return f"wrote {out} ({ckpt['kind']} tokenizer, {len(ckpt['state'])} tensors)"
 

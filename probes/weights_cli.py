@@ -55,15 +55,16 @@ def export_encoder(src: str, fmt: str, out: str) -> str:
 
 def cmd_export(args) -> int:
     from mimkit.config import ConfigError
-    from mimkit.weights import export_tokenizer, is_tokenizer_file
+    from mimkit.weights import export_tokenizer, read_tokenizer
     src, out = args.src or args.checkpoint, args.out_path or args.out
     if not src or not out:
         raise ConfigError("export needs CKPT and OUT: mimkit export --format timm|safetensors|hf CKPT OUT")
-    if is_tokenizer_file(src):
+    tokenizer = read_tokenizer(src)
+    if tokenizer is not None:
         if args.format != "safetensors":
             raise ConfigError(f"--format {args.format} is for encoders; a tokenizer exports with --format "
                               f"safetensors")
-        print(export_tokenizer(src, out))
+        print(export_tokenizer(tokenizer, out))
         return 0
     print(export_encoder(src, args.format, out))
     return 0

@@ -243,3 +243,26 @@ def test_pretraining_continues_from_an_official_mae_file(tmp_path):
     with pytest.raises(CheckpointError, match="decoder.blocks.1"):
         setup(pretrain_config([], [*shape, "decoder.depth=1", f"output_dir={tmp_path / 'other'}"]))
     assert not (tmp_path / "other").exists()
+
+
+def test_export_reads_tokenizers_through_the_checked_loader(tmp_path, capsys):
+    """`mimkit export` reads a tokenizer file with checkpoint.load: an intact one exports, one flipped byte in a
+    tensor (torch.load still reads the file) is one error line naming the file, and nothing is written."""
+    from mimkit.tokenizers.kmeans import KMeansTokenizer
+    tok = KMeansTokenizer(16, 4, 8, [0.5] * 3, [0.25] * 3, dim=48)
+    with torch.no_grad():
+        tok.centroids.normal_()
+    good, bad = tmp_path / "tok.pt", tmp_path / "flipped.pt"
+    tok.save(good)
+    assert main(["export", "--format", "safetensors", str(good), str(tmp_path / "tok.safetensors")]) == 0
+    assert "kmeans tokenizer" in capsys.readouterr().out
+    data = bytearray(good.read_bytes())
+    at = bytes(data).find(tok.centroids.detach().numpy().tobytes())
+    assert at > 0
+    data[at + 5] ^= 0x10
+    bad.write_bytes(bytes(data))
+    assert torch.load(bad, weights_only=True)["mimkit"] == "tokenizer"  # only the checksum can tell
+    assert main(["export", "--format", "safetensors", str(bad), str(tmp_path / "bad.safetensors")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and str(bad) in err[0] and "checksum" in err[0], err
+    assert not (tmp_path / "bad.safetensors").exists()
