@@ -14,6 +14,7 @@ import pickle
 import time
 import warnings
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -463,9 +464,14 @@ def loader_died(e: BaseException, workers: int | None = None, batch_size: int | 
 class Loader(DataLoader):
     """DataLoader whose dead worker is one DataError naming the cause and the fix, not torch's traceback."""
 
-    def __iter__(self):
+    def __iter__(self) -> Iterator:
+        # torch's iterator is made here, not at the first batch: its draw from the global generator (the workers'
+        # base seed) happens inside iter(loader), where mimkit.loop.quiet_iter undoes it on a resumed run
+        return self._checked(super().__iter__())
+
+    def _checked(self, batches: Iterator) -> Iterator:
         try:
-            yield from super().__iter__()
+            yield from batches
         except RuntimeError as e:
             died = loader_died(e, self.num_workers, self.batch_size)
             if died is None:
