@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import checkpoint
 from .checkpoint import CheckpointError
 from .config import ConfigError, known_fields, to_dict
 from .data import dataset_stats
@@ -293,8 +294,7 @@ class ProbeEncoder(nn.Module):
         normalization, from one forward."""
         model = self.teacher.model
         if self.teacher.spec["source"] == "openclip":
-            out = model(x)  # (embedding, tokens) from OpenCLIP's own ViT; a timm-trunk tower gives the embedding
-            pooled = out[0] if isinstance(out, tuple) else out
+            pooled = pooled_feature(model, "openclip", x)
             tokens = self.teacher.tokens(x)
         else:
             feats = model.forward_features(x)
@@ -342,3 +342,45 @@ def load_probe_encoder(name: str, weights: str, stats: tuple) -> ProbeEncoder:
     if name.partition(":")[0] not in ("timm", "openclip"):
         raise ConfigError(f"checkpoint {name!r}: a model spec is timm:<model> or openclip:<model> (with --weights)")
     return ProbeEncoder(load_teacher(name, weights), stats)
+
+
+def pooled_feature(model: nn.Module, source: str, x: torch.Tensor) -> torch.Tensor:
+    """The feature [B, D] a timm or OpenCLIP model pools itself from images at its input size and normalization
+    (ProbeEncoder's first slot): timm's `forward_head(..., pre_logits=True)`, OpenCLIP's image embedding."""
+    if source == "openclip":
+        out = model(x)
+        return out[0] if isinstance(out, tuple) else out
+    return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def trainable_copy(teacher: Teacher, drop_path: float = 0.0) -> tuple[nn.Module, dict]:
+    """(a copy of the teacher's model that trains: gradients on, timm's classifier removed and its drop path set,
+    the spec that rebuilds it). OpenCLIP's towers have no drop path: `drop_path` applies to timm models."""
+    spec = {k: v for k, v in teacher.spec.items() if k != "layer"}
+    if spec["source"] == "timm":
+        spec["kwargs"] = {**(spec.get("kwargs") or {}), "num_classes": 0, "drop_path_rate": drop_path}
+    fresh = Teacher(spec)
+    if spec["source"] == "timm":
+        _load_timm_state(fresh.model, dict(teacher.model.state_dict()), spec["name"])
+    else:
+        fresh.model.load_state_dict(teacher.model.state_dict())
+    return fresh.model.requires_grad_(True), spec
+
+
+def load_finetuned(path: str) -> Teacher:
+    """The fine-tuned model of a `mimkit probe finetune` output (checkpoints/best.pt or last.pt), rebuilt from the
+    spec it records and loaded with its weights (its classifier is kept, and unused by probes)."""
+    ckpt = checkpoint.load(path, "finetune")
+    record = ckpt.get("encoder")
+    if not isinstance(record, dict) or not isinstance(record.get("spec"), dict):
+        raise CheckpointError(f"{path} is a fine-tuning checkpoint without the spec of its model (written by an "
+                              f"older mimkit): fine-tune again to probe it")
+    teacher = Teacher(record["spec"])
+    prefix = record.get("prefix", "")
+    state = {k[len(prefix):]: v for k, v in ckpt["model"].items() if k.startswith(prefix)}
+    try:
+        teacher.model.load_state_dict(state)
+    except RuntimeError as e:
+        detail = (str(e).splitlines()[1:2] or [str(e)])[0].strip()[:200]
+        raise CheckpointError(f"{path}: its weights do not fit the model it records ({detail})") from None
+    return teacher.eval()

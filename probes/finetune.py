@@ -16,10 +16,12 @@ from timm.optim import param_groups_layer_decay
 from mimkit.config import ConfigError
 from mimkit.data import Transformed, build_dataset, dataset_stats, eval_transform, make_loader
 from mimkit.loop import effective_lr, place_model
+from mimkit.teachers import ProbeEncoder
 from mimkit.vit import ViT
 
 from .context import ProbeRun
 from .export import export_state_dict, timm_kwargs
+from .finetune_model import Classifier, saved_model
 from .train import evaluate, fit, summarize
 
 
@@ -80,7 +82,9 @@ def run_finetune(run: ProbeRun) -> dict:
     if len(train_loader) == 0:
         raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(train_set)} training images; lower batch_size")
 
-    model = place_model(finetune_model(run.encoder.cpu(), num_classes, ft.drop_path), device, cfg.precision)
+    encoder = run.encoder.cpu()  # a timm / OpenCLIP model (ProbeEncoder) trains as itself, with a fresh head
+    model = place_model(Classifier(encoder, num_classes, ft.drop_path) if isinstance(encoder, ProbeEncoder) else
+                        finetune_model(encoder, num_classes, ft.drop_path), device, cfg.precision)
     base_lr = effective_lr(cfg)
     optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.optim.weight_decay, ft.layer_decay), lr=base_lr,
                                   betas=tuple(cfg.optim.betas))
@@ -107,7 +111,7 @@ def run_finetune(run: ProbeRun) -> dict:
 
     def keep_best(epoch: int, acc: dict) -> None:
         state = {"mimkit": "finetune", "model": model.state_dict(), "epoch": epoch, **acc,
-                 "timm_kwargs": timm_kwargs(run.encoder, num_classes=num_classes, global_pool="avg")}
+                 **saved_model(run, model, num_classes)}
         if acc["top1"] > best["top1"]:
             best.update(acc)
             run.save("best.pt", state)

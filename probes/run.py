@@ -12,7 +12,7 @@ from mimkit.config import ConfigError, flatten, to_dict
 from mimkit.convert import load_pretrain
 from mimkit.data import build_dataset, dataset_stats
 from mimkit.encoders import EncoderSpec, load_encoder
-from mimkit.teachers import ProbeEncoder, load_probe_encoder, load_teacher
+from mimkit.teachers import ProbeEncoder, Teacher, load_finetuned, load_probe_encoder, load_teacher
 from mimkit.loop import RunLog, write_metrics
 
 from .config import ProbeRunConfig, default_output_dir, probe_config, validate
@@ -38,21 +38,30 @@ def build_probe_config(protocol: str, checkpoint_path: str = "", files: list[str
         if not first.weights:
             raise ConfigError(f"checkpoint={first.checkpoint} needs weights: --weights FILE, a local weights file "
                               f"(nothing is downloaded)")
-        if protocol == "finetune":
-            raise ConfigError(f"probe finetune takes a mimkit checkpoint; {first.checkpoint} is probed with knn or "
-                              f"linear (an official MAE file: --checkpoint FILE, or `mimkit convert` it)")
-        teacher = load_teacher(first.checkpoint, first.weights)  # its input size is the data's default img_size
-        cfg = probe_config(protocol, files, [*overrides, f"checkpoint={first.checkpoint}"],
-                           {"data": {"img_size": teacher.input_size}})
-        return cfg, {"encoder": ProbeEncoder(teacher, dataset_stats(cfg.data.name))}
+        return model_config(protocol, files, overrides, first.checkpoint,
+                            load_teacher(first.checkpoint, first.weights))
     if first.weights:
         raise ConfigError("weights is for --checkpoint timm:<model> or openclip:<model>; a mimkit or official "
                           "checkpoint file holds its own weights")
-    ckpt = load_pretrain(first.checkpoint)  # a mimkit checkpoint, or an official one converted
+    try:
+        ckpt = load_pretrain(first.checkpoint)  # a mimkit checkpoint, or an official one converted
+    except checkpoint.OtherKind as e:  # a `probe finetune` output: the model it fine-tuned, rebuilt
+        try:
+            return model_config(protocol, files, overrides, first.checkpoint, load_finetuned(first.checkpoint))
+        except checkpoint.OtherKind:
+            raise e from None
     if not isinstance(ckpt.get("config"), dict):
         raise checkpoint.CheckpointError(f"{first.checkpoint} has no stored config; "
                                          f"is it a mimkit pretraining checkpoint?")
     return probe_config(protocol, files, [*overrides, f"checkpoint={first.checkpoint}"], ckpt["config"]), ckpt
+
+
+def model_config(protocol: str, files: list[str], overrides: list[str], name: str,
+                 teacher: Teacher) -> tuple[ProbeRunConfig, dict]:
+    """The config of a probe of a timm / OpenCLIP model (its input size is the data's default img_size), and
+    {"encoder": the model as a ProbeEncoder of the data's images}."""
+    cfg = probe_config(protocol, files, [*overrides, f"checkpoint={name}"], {"data": {"img_size": teacher.input_size}})
+    return cfg, {"encoder": ProbeEncoder(teacher, dataset_stats(cfg.data.name))}
 
 
 def prepare_output_dir(cfg, default: Path, what: str = "a probe run", result_files=RESULT_FILES) -> Path:
@@ -76,7 +85,7 @@ def is_model_spec(name: str) -> bool:
 def probe_encoder(cfg: ProbeRunConfig, ckpt: dict | None) -> tuple:
     """(encoder, its EncoderSpec, checkpoint): a mimkit checkpoint's encoder, or a timm / OpenCLIP model (no
     checkpoint) loaded by the teachers' loader, seeing the probe's images in its own normalization and size."""
-    if not is_model_spec(cfg.checkpoint):
+    if not is_model_spec(cfg.checkpoint) and not isinstance((ckpt or {}).get("encoder"), ProbeEncoder):
         return load_encoder(cfg.checkpoint, cfg.data.img_size, ckpt, cfg.encoder)
     if cfg.encoder != "student":
         raise ConfigError(f"encoder={cfg.encoder} needs a mimkit checkpoint; {cfg.checkpoint} has one encoder")

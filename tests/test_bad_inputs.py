@@ -191,8 +191,6 @@ CASES = [
      ["timm:vit_tiny_patch16_224", "--weights"]),
     ("probe a timm model with missing weights", ["probe", "knn", "--checkpoint", "timm:vit_tiny_patch16_224",
                                                  "--weights", "{ws}/none.pt"], ["none.pt", "no such file"]),
-    ("fine-tune a timm model", ["probe", "finetune", "--checkpoint", "timm:vit_tiny_patch16_224", "--weights",
-                                "{ws}/teacher.pth"], ["finetune", "knn or linear"]),
     ("weights beside a mimkit checkpoint", ["probe", "knn", "--checkpoint", "{ws}/run/checkpoints/last.pt",
                                             "--weights", "{ws}/teacher.pth"], ["weights", "timm:<model>"]),
     ("convert a file of no known format", ["convert", "{ws}/foreign.pt", "{ws}/c.pt"],
