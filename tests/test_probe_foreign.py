@@ -166,3 +166,21 @@ def test_finetune_a_foreign_model_then_probe_its_output(which, timm_vit, clip, t
         visual.load_state_dict(after)
         expected = clip_features(visual.eval(), x, "cls", 0)
     assert torch.allclose(cached(knn, "test", "cls", 0), expected, atol=1e-5)
+
+
+def test_a_mimkit_encoders_finetune_output_is_probed_as_its_timm_model(digits_teacher, tmp_path):
+    """The fine-tune of a mimkit checkpoint records its timm VisionTransformer (avg pool, fc_norm) with the data's
+    normalization: `probe knn --checkpoint best.pt` reads that model's pooled features."""
+    from timm.models.vision_transformer import VisionTransformer
+    out = tmp_path / "ft"
+    assert main(["probe", "finetune", "--checkpoint", str(digits_teacher), *SMALL, *FT, f"output_dir={out}"]) == 0
+    best = checkpoint.load(out / "checkpoints" / "best.pt", "finetune")
+    assert main(["probe", "knn", "--checkpoint", str(out / "checkpoints" / "best.pt"), *SMALL,
+                 "knn.random_init=false", f"output_dir={tmp_path / 'knn'}"]) == 0
+    model = VisionTransformer(**best["timm_kwargs"]).eval()
+    model.load_state_dict(best["model"])
+    x = images("knn", str(out / "checkpoints" / "best.pt"), "", SMALL, "test")
+    assert x.shape[-1] == 8  # the digits preset's size, which the fine-tune recorded
+    with torch.no_grad():
+        expected = model.forward_head(model.forward_features(x), pre_logits=True)
+    assert torch.allclose(cached(tmp_path / "knn", "test", "cls", 0), expected, atol=1e-5)
