@@ -6,11 +6,11 @@ import argparse
 
 EPILOG = """defaults: the checkpoint's data settings, then the protocol (MAE linear probe / DINO k-NN / MAE fine-tune),
 then CPU presets for digits, synthetic and cifar10, then --config files, then key=value overrides.
-keys: output_dir, epochs, batch_size, accum_iter, device, seed, overwrite, data.* (data.test_limit: test images), features.pool (cls|mean),
-features.layer (0 = final, k = block k), features.cache, features.cache_dir, optim.blr, optim.weight_decay,
-optim.warmup_epochs, optim.min_lr, linear.mode (augmented|cached), knn.k, knn.temperature, knn.backend,
-knn.random_init, finetune.layer_decay, finetune.drop_path, finetune.mixup, finetune.cutmix, finetune.smoothing,
-finetune.auto_augment, finetune.reprob
+keys: output_dir, epochs, batch_size, accum_iter, device, seed, overwrite, resume (auto|none),
+data.* (data.test_limit: test images), features.pool (cls|mean), features.layer (0 = final, k = block k),
+features.cache, features.cache_dir, optim.blr, optim.weight_decay, optim.warmup_epochs, optim.min_lr,
+linear.mode (augmented|cached), knn.k, knn.temperature, knn.backend, knn.random_init, finetune.layer_decay,
+finetune.drop_path, finetune.mixup, finetune.cutmix, finetune.smoothing, finetune.auto_augment, finetune.reprob
 examples:
   mimkit probe knn --checkpoint runs/mae_digits/checkpoints/last.pt
   mimkit probe linear --checkpoint runs/mae_digits/checkpoints/last.pt features.pool=mean

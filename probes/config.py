@@ -78,6 +78,9 @@ class ProbeRunConfig:
     batch_size: int = 256
     accum_iter: int = 1
     overwrite: bool = False  # replace the results of an earlier probe in output_dir
+    # auto: an interrupted linear (augmented) or finetune probe continues from <output_dir>/checkpoints/resume.pt;
+    # none: it starts afresh
+    resume: str = choices("auto", "none", default="auto")
     data: DataConfig = field(default_factory=DataConfig)  # defaults: the checkpoint's data settings
     features: FeatureConfig = field(default_factory=FeatureConfig)
     optim: ProbeOptimConfig = field(default_factory=ProbeOptimConfig)

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from mimkit import checkpoint
 from mimkit.data import Transformed, build_dataset, eval_transform, make_loader
 from mimkit.dist import autocast
+from mimkit.loop import quiet_iter
 from mimkit.vit import ViT
 
 
@@ -52,7 +53,9 @@ def extract(encoder, loader: DataLoader, device: torch.device, pool: str = "cls"
     was_training = encoder.training
     encoder.eval()
     feats, labels = [], []
-    for imgs, y in loader:
+    # without the loader's draw from the global generator: a run reads the same draws after its features whether
+    # they came from the cache or from here
+    for imgs, y in quiet_iter(loader):
         feats.append(encode(encoder, imgs.to(device, non_blocking=True), pool, layer).cpu())
         labels.append(torch.as_tensor(y))
     encoder.train(was_training)

@@ -4,7 +4,9 @@ decay (timm's param_groups_layer_decay), drop path, timm Mixup/CutMix with label
 erasing from timm's create_transform, warmup + cosine; checkpoints/best.pt keeps the best validation top-1."""
 from __future__ import annotations
 
+import random
 
+import numpy as np
 import torch
 import torchvision.transforms.v2 as T
 from timm.data import Mixup, auto_augment, create_transform
@@ -22,7 +24,7 @@ from mimkit.vit import ViT
 from .context import ProbeRun
 from .export import export_state_dict, timm_kwargs
 from .finetune_model import Classifier, saved_model
-from .train import evaluate, fit, summarize
+from .train import RESUME, epoch_batches, evaluate, fit, seeded_loader, summarize
 
 
 FRESH = {"fc_norm.weight", "fc_norm.bias", "head.weight", "head.bias"}
@@ -59,7 +61,24 @@ for _op in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
     auto_augment.NAME_TO_OP[_op] = _posterize  # read when an augmentation op is built
 
 
-def train_transform(cfg) -> T.Compose:
+class Seeded(T.Compose):
+    """A Compose whose Python and NumPy draws (timm's RandAugment and random erasing) are seeded from torch's
+    generator, which mimkit.data.MaskedImages seeds per sample: a sample's view depends on (seed, epoch, index)
+    only, whatever the loader workers and wherever a resumed run starts."""
+
+    def forward(self, *inputs):
+        seed = int(torch.randint(2 ** 31, (1,)))
+        py, np_state = random.getstate(), np.random.get_state()
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            return super().forward(*inputs)
+        finally:
+            random.setstate(py)
+            np.random.set_state(np_state)
+
+
+def train_transform(cfg) -> Seeded:
     """timm's training pipeline: RandomResizedCrop, flip, RandAugment, normalize, random erasing. In-memory
     tensor images (digits) go through PIL first, as timm's augmentations expect."""
     mean, std = dataset_stats(cfg.data.name)
@@ -68,19 +87,16 @@ def train_transform(cfg) -> T.Compose:
                           hflip=0.5 if cfg.data.hflip else 0.0, color_jitter=None,
                           auto_augment=ft.auto_augment or None, interpolation="bicubic", re_prob=ft.reprob,
                           re_mode="pixel", re_count=1, mean=mean, std=std)
-    return T.Compose([T.ToPILImage(), tf])
+    return Seeded([T.ToPILImage(), tf])
 
 
 def run_finetune(run: ProbeRun) -> dict:
     cfg, device, ft = run.cfg, run.device, run.cfg.finetune
     num_classes = run.num_classes
-    train_set = Transformed(build_dataset(cfg.data, "train", cfg.data.limit), train_transform(cfg))
+    train_loader = seeded_loader(build_dataset(cfg.data, "train", cfg.data.limit), train_transform(cfg), run)
+    train_set = train_loader.dataset
     test_set = Transformed(build_dataset(cfg.data, "test", cfg.data.test_limit), eval_transform(cfg.data))
-    pin = device.type == "cuda"
-    train_loader = make_loader(train_set, cfg.batch_size, cfg.data, shuffle=True, drop_last=True, pin_memory=pin)
-    test_loader = make_loader(test_set, cfg.batch_size, cfg.data, pin_memory=pin)
-    if len(train_loader) == 0:
-        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(train_set)} training images; lower batch_size")
+    test_loader = make_loader(test_set, cfg.batch_size, cfg.data, pin_memory=device.type == "cuda")
 
     encoder = run.encoder.cpu()  # a timm / OpenCLIP model (ProbeEncoder) trains as itself, with a fresh head
     model = place_model(Classifier(encoder, num_classes, ft.drop_path) if isinstance(encoder, ProbeEncoder) else
@@ -89,6 +105,7 @@ def run_finetune(run: ProbeRun) -> dict:
     optimizer = torch.optim.AdamW(layer_decay_groups(model, cfg.optim.weight_decay, ft.layer_decay), lr=base_lr,
                                   betas=tuple(cfg.optim.betas))
     mixup = None
+    np.random.seed(cfg.seed)  # timm's Mixup draws from NumPy's global generator: the same draws in every run
     if ft.mixup > 0 or ft.cutmix > 0:
         if cfg.batch_size % 2:
             raise ConfigError(f"batch_size={cfg.batch_size} must be even with mixup/cutmix (timm mixes a batch "
@@ -107,21 +124,19 @@ def run_finetune(run: ProbeRun) -> dict:
             x, y = mixup(x, y)
         return criterion(model(x), y)
 
-    best = {"top1": -1.0}
-
-    def keep_best(epoch: int, acc: dict) -> None:
+    def keep_best(epoch: int, acc: dict, history: list) -> None:
         state = {"mimkit": "finetune", "model": model.state_dict(), "epoch": epoch, **acc,
                  **saved_model(run, model, num_classes)}
-        if acc["top1"] > best["top1"]:
-            best.update(acc)
+        if acc["top1"] > max((h["top1"] for h in history if "top1" in h), default=-1.0):
             run.save("best.pt", state)
         run.save("last.pt", state)
 
     run.log(f"fine-tune: {len(train_set)} images, {cfg.epochs} epochs, {len(train_loader)} steps/epoch, "
             f"lr {base_lr:.3g}, layer decay {ft.layer_decay}, mixup {ft.mixup} cutmix {ft.cutmix}, "
             f"RandAugment {ft.auto_augment or 'off'}, erasing {ft.reprob}")
-    history = fit(model, optimizer, lambda epoch: train_loader, len(train_loader), loss_fn,
-                  lambda: evaluate(model, test_loader, device, cfg.precision), run, ft.eval_every, keep_best)
+    history = fit(model, optimizer, lambda epoch, skip: epoch_batches(train_loader, epoch, skip, run),
+                  len(train_loader), loss_fn, lambda: evaluate(model, test_loader, device, cfg.precision), run,
+                  ft.eval_every, keep_best, RESUME)
     summary = summarize(history)
     # the reported accuracy is the best checkpoint's (MAE reports the max over epochs)
     return {"n_train": len(train_set), "n_test": len(test_set), "lr": base_lr, **summary,

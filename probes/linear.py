@@ -14,14 +14,13 @@ from timm.layers import trunc_normal_
 from timm.optim import Lars
 from torch import nn
 
-from mimkit.data import Transformed, build_dataset, make_loader, pretrain_transform
-from mimkit.config import ConfigError
+from mimkit.data import build_dataset, pretrain_transform
 from mimkit.encoders import random_encoder
 from mimkit.loop import effective_lr
 
 from .context import ProbeRun
 from .features import RawPixels, encode
-from .train import Prefixed, evaluate, fit, summarize
+from .train import RESUME, Prefixed, epoch_batches, evaluate, fit, seeded_loader, summarize
 
 
 def linear_head(dim: int, num_classes: int) -> nn.Sequential:
@@ -60,28 +59,26 @@ def _batches(run: ProbeRun, encoder: nn.Module | None) -> tuple[Callable, int, i
     if cfg.linear.mode == "cached":
         train_feats, train_labels = (t.to(device) for t in run.features("train", encoder))
         g = torch.Generator().manual_seed(cfg.seed)
-        return (lambda epoch: feature_batches(train_feats, train_labels, cfg.batch_size, g, drop_last=True),
+        return (lambda epoch, skip: feature_batches(train_feats, train_labels, cfg.batch_size, g, drop_last=True),
                 max(len(train_feats) // cfg.batch_size, 1), len(train_feats))
-    # augmented: the frozen encoder sees fresh RandomResizedCrop + flip crops every step
-    dataset = Transformed(build_dataset(cfg.data, "train", cfg.data.limit), pretrain_transform(cfg.data))
-    loader = make_loader(dataset, cfg.batch_size, cfg.data, shuffle=True, drop_last=True,
-                         pin_memory=device.type == "cuda")
+    # augmented: the frozen encoder sees fresh RandomResizedCrop + flip crops every step (seeded per sample)
+    loader = seeded_loader(build_dataset(cfg.data, "train", cfg.data.limit), pretrain_transform(cfg.data), run)
     encoder = (run.encoder if encoder is None else encoder).to(device).eval().requires_grad_(False)
     layer = cfg.features.layer - 1 if cfg.features.layer else None
 
-    def batches(epoch):
-        for imgs, y in loader:
+    def batches(epoch, skip):
+        for imgs, y in epoch_batches(loader, epoch, skip, run):
             with torch.no_grad():  # (yielding inside the block would switch grad off for the head too)
                 x = encode(encoder, imgs.to(device, non_blocking=True), cfg.features.pool, layer)
             yield x, y
 
-    if len(loader) == 0:
-        raise ConfigError(f"batch_size={cfg.batch_size} exceeds the {len(dataset)} training images; lower batch_size")
-    return batches, len(loader), len(dataset)
+    return batches, len(loader), len(loader.dataset)
 
 
-def train_head(run: ProbeRun, encoder: nn.Module | None = None) -> tuple[nn.Module, list[dict], int]:
-    """The probe head trained on `encoder`'s features (None: the checkpoint's encoder): (head, history, images)."""
+def train_head(run: ProbeRun, encoder: nn.Module | None = None, name: str = "") -> tuple[nn.Module, list[dict], int]:
+    """The probe head trained on `encoder`'s features (None: the checkpoint's encoder; `name`: the baseline's
+    name): (head, history, images). The augmented mode checkpoints every epoch and resumes
+    (mimkit.probes.train.fit); the cached one runs again from the cached features."""
     cfg, device = run.cfg, run.device
     test_feats, test_labels = run.features("test", encoder)
     head = linear_head(test_feats.shape[1], run.num_classes).to(device)
@@ -92,7 +89,8 @@ def train_head(run: ProbeRun, encoder: nn.Module | None = None) -> tuple[nn.Modu
             f"lr {base_lr:.3g}")
     history = fit(head, optimizer, batches, steps, lambda x, y: F.cross_entropy(head(x), y),
                   lambda: evaluate(head, feature_batches(test_feats, test_labels, cfg.batch_size, None), device,
-                                   cfg.precision), run)
+                                   cfg.precision), run,
+                  ckpt_name="" if cfg.linear.mode == "cached" else f"resume_{name}.pt" if name else RESUME)
     return head, history, n_train
 
 
@@ -107,7 +105,7 @@ def baselines(run: ProbeRun) -> dict[str, dict]:
         if encoder:
             run.log(f"baseline: {name}")
             _, history, _ = train_head(replace(run, writer=Prefixed(run.writer, f"{name}/")),
-                                       encoder.to(run.device))
+                                       encoder.to(run.device), name)
             out[name] = {k: v for k, v in summarize(history).items() if k != "history"}
     return out
 

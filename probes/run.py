@@ -21,10 +21,11 @@ from .features import checkpoint_id
 from .finetune import run_finetune
 from .knn import run_knn
 from .linear import run_linear
+from .train import RESUME
 
 RESULT_FILES = rundir.RUN_FILES
 # Keys that do not change an evaluation's result: a run differing only in these is the same run.
-RERUNNABLE = ("output_dir", "overwrite", "device", "data.num_workers", "data.root", "features.cache")
+RERUNNABLE = ("output_dir", "overwrite", "resume", "device", "data.num_workers", "data.root", "features.cache")
 
 
 def build_probe_config(protocol: str, checkpoint_path: str = "", files: list[str] = (),
@@ -64,17 +65,21 @@ def model_config(protocol: str, files: list[str], overrides: list[str], name: st
     return cfg, {"encoder": ProbeEncoder(teacher, dataset_stats(cfg.data.name))}
 
 
-def prepare_output_dir(cfg, default: Path, what: str = "a probe run", result_files=RESULT_FILES) -> Path:
+def prepare_output_dir(cfg, default: Path, what: str = "a probe run", result_files=RESULT_FILES,
+                       resumable: bool = False) -> Path:
     """Create cfg.output_dir (or `default`) under the run-directory contract (mimkit.rundir) and write
     config.yaml. A run with another config is refused unless overwrite=true; the same config starts again from
-    scratch (evaluations do not resume), e.g. a requeued SLURM job. Shared by the evaluation commands."""
+    scratch, e.g. a requeued SLURM job, unless `resumable` and the run left a training checkpoint
+    (checkpoints/resume.pt, mimkit.probes.train): then its files stay and the training continues from it. Shared
+    by the evaluation commands."""
     out = Path(cfg.output_dir or default)
     cfg.output_dir = str(out)
     try:
         rundir.check(out, cfg, "auto", cfg.overwrite, RERUNNABLE)
     except ConfigError as e:
         raise ConfigError(str(e).replace("holds a run", f"holds {what}")) from None
-    return rundir.write(out, cfg, overwrite=True, files=result_files)
+    keep = resumable and not cfg.overwrite and (out / "checkpoints" / RESUME).is_file()
+    return rundir.write(out, cfg, overwrite=not keep, files=result_files)
 
 
 def is_model_spec(name: str) -> bool:
@@ -104,7 +109,8 @@ def run_probe(cfg: ProbeRunConfig, ckpt: dict | None = None) -> dict:
     torch.manual_seed(cfg.seed)
     spec = is_model_spec(cfg.checkpoint)
     out = prepare_output_dir(cfg, default_output_dir(cfg) if not spec else Path(cfg.weights).parent /
-                             f"probe_{cfg.protocol}_{cfg.data.name}_{cfg.checkpoint.replace(':', '_')}")
+                             f"probe_{cfg.protocol}_{cfg.data.name}_{cfg.checkpoint.replace(':', '_')}",
+                             resumable=cfg.resume == "auto")
     from torch.utils.tensorboard import SummaryWriter
     writer = SummaryWriter(str(out / "tb"))
     ckpt_id = (checkpoint_id(cfg.checkpoint) if not spec else f"{cfg.checkpoint}+{checkpoint_id(cfg.weights)}") + (
