@@ -92,6 +92,9 @@ def validate(cfg) -> None:
     dims = cfg.model.resolved()
     if dims["embed_dim"] % dims["num_heads"]:
         raise ConfigError(f"model.embed_dim={dims['embed_dim']} is not divisible by model.num_heads={dims['num_heads']}")
+    if cfg.target.kind == "ema" and cfg.target.ema.top_k > dims["depth"]:
+        raise ConfigError(f"target.ema.top_k={cfg.target.ema.top_k} exceeds the encoder's {dims['depth']} blocks; "
+                          f"use 1..{dims['depth']}, or 0 for the output tokens")
     if cfg.decoder.embed_dim % cfg.decoder.num_heads:
         raise ConfigError(f"decoder.embed_dim={cfg.decoder.embed_dim} is not divisible by "
                           f"decoder.num_heads={cfg.decoder.num_heads}")

@@ -119,7 +119,7 @@ CASES = [
      ["last.pt", "tokenizer"]),
     # latent targets (EMA teacher) and their masks and heads
     ("ema top_k deeper than the encoder", ["pretrain", *SYN, "method=data2vec2"], ["target.ema.top_k=10", "2 blocks"]),
-    ("ema momentum above 1", ["pretrain", *SYN, "method=data2vec2", "target.ema.momentum=1.5"],
+    ("ema momentum above 1", ["pretrain", *SYN, "method=data2vec2", "target.ema.top_k=2", "target.ema.momentum=1.5"],
      ["target.ema.momentum"]),
     ("ema unknown norm", ["pretrain", *SYN, "method=ijepa", "target.ema.norm=batch"], ["target.ema.norm", "layernorm"]),
     ("multiblock mask for mae", ["pretrain", *SYN, "mask.kind=multiblock", "mask.min_keep=0"],

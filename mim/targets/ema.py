@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimkit.config import ConfigError, check_range
+from mimkit.config import check_range
 from mimkit.parts import EMAConfig
 
 from .base import Target, TargetContext, register_target
@@ -61,10 +61,8 @@ class EMATeacher(Target, nn.Module):
         self.register_buffer("momentum_now", torch.tensor(float(cfg.momentum)))
 
     def follow(self, student: nn.Module) -> None:
-        """Start the teacher as a copy of `student` (a ViT); sets out_dim to its width."""
-        if self.cfg.top_k > student.depth:
-            raise ConfigError(f"target.ema.top_k={self.cfg.top_k} exceeds the encoder's {student.depth} blocks; "
-                              f"use 1..{student.depth}, or 0 for the output tokens")
+        """Start the teacher as a copy of `student` (a ViT; target.ema.top_k <= its depth, checked with the config);
+        sets out_dim to its width."""
         self.teacher = copy.deepcopy(student).requires_grad_(False).eval()
         self.out_dim = student.embed_dim
 
