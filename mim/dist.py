@@ -68,6 +68,20 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(m_mmap_max, 0)) and bool(mallopt(m_trim_threshold, 2 ** 31 - 1))
 
 
+def elastic_store() -> dist.Store | None:
+    """Under torchrun (the agent serves the store: TORCHELASTIC_USE_AGENT_STORE), the agent's store with this
+    attempt's keys kept apart from earlier attempts'; None elsewhere (env:// as usual). The agent keeps one store for
+    every restart of the group and torch's env:// rendezvous does not separate attempts: a restarted rank that came
+    up first read the address its killed predecessor had published and failed to connect to it (gloo's
+    connectFullMesh: "Connection refused"), so a group restarted by --max-restarts failed or hung."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    from torch.distributed.constants import default_pg_timeout
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), int(os.environ["WORLD_SIZE"]),
+                          is_master=False, timeout=default_pg_timeout)
+    return dist.PrefixStore(f"mimkit/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+
+
 def init(device_name: str = "auto") -> torch.device:
     """Join the process group when launched with WORLD_SIZE > 1 (gloo on CPU, nccl on CUDA); pick the device;
     on CPU, keep freed memory in the process (`keep_freed_memory`)."""
@@ -84,7 +98,10 @@ def init(device_name: str = "auto") -> torch.device:
         if use_cuda:
             torch.cuda.set_device(device)
         # device_id binds NCCL to this GPU up front (barriers then never guess the device)
-        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None)
+        store = elastic_store()
+        where = {} if store is None else {"store": store, "rank": int(os.environ["RANK"]),
+                                          "world_size": int(os.environ["WORLD_SIZE"])}
+        dist.init_process_group("nccl" if use_cuda else "gloo", device_id=device if use_cuda else None, **where)
     return device
 
 
