@@ -31,6 +31,8 @@ def kinds() -> str:
 
 
 def cmd_train(args) -> int:
+    from .tokenizer_config import build, validate_shared
+    validate_shared(build(args.config, args.overrides))  # a mistake stops here, before torch and the kinds load
     from mimkit.tokenizers.config import tokenizer_config
     from mimkit.tokenizers.train import train_tokenizer
     m = train_tokenizer(tokenizer_config(args.config, args.overrides))

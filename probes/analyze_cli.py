@@ -16,7 +16,17 @@ examples:
   mimkit analyze predictions --checkpoint runs/clustermim_digits/checkpoints/last.pt"""
 
 
+def check_config(args, validated: bool = True) -> None:
+    """Build (and check) the config from the command line before torch loads: a mistake is one line at once.
+    `validated`: also its ranges (predictions take their data defaults from the checkpoint, read later)."""
+    from .analyze_config import analyze_config, validate
+    cfg = analyze_config(args.config, args.overrides)
+    if validated:
+        validate(cfg)
+
+
 def cmd_tokens(args) -> int:
+    check_config(args)
     from .semantics import analyze_tokens, build_analyze_config
     cfg, _ = build_analyze_config(args.config, args.overrides, tokenizers=args.tokenizer, out=args.out)
     m = analyze_tokens(cfg)
@@ -27,6 +37,7 @@ def cmd_tokens(args) -> int:
 
 
 def cmd_predictions(args) -> int:
+    check_config(args, validated=False)
     from .semantics import analyze_predictions, build_analyze_config
     cfg, ckpt = build_analyze_config(args.config, args.overrides, tokenizers=args.tokenizer,
                                      checkpoint_path=args.checkpoint, out=args.out)

@@ -220,7 +220,7 @@ def check_configs(steps: list[Step]) -> None:
     for step in steps:
         if step.kind in ("pretrain", "tokenizer"):
             try:
-                BUILDERS[step.kind](step)
+                (build_pretrain if step.kind == "pretrain" else check_tokenizer)(step)
             except ConfigError as e:
                 raise ConfigError(f"{step.name}: {e}") from None
 
@@ -240,13 +240,21 @@ def _flag(overwrite: bool) -> list[str]:
 
 
 def build_pretrain(step: Step, overwrite: bool = False) -> tuple[Any, None]:
-    from mimkit.methods import pretrain_config
+    from mimkit.pretrain_config import pretrain_config  # the plain tables: a study's config check needs no torch
     return pretrain_config(step.files, [*step.overrides, f"output_dir={step.out}", *_flag(overwrite)]), None
 
 
 def build_tokenizer(step: Step, overwrite: bool = False) -> tuple[Any, None]:
     from mimkit.tokenizers.config import tokenizer_config
     return tokenizer_config(step.files, [*step.overrides, f"output_dir={step.out}", *_flag(overwrite)]), None
+
+
+def check_tokenizer(step: Step) -> None:
+    """A tokenizer step's config: first from the plain tables (keys, types, choices, kind, shared ranges: a mistake
+    there is reported without torch), then with what the kinds decide (a vocabulary their settings imply)."""
+    from mimkit.tokenizer_config import build, validate_shared
+    validate_shared(build(step.files, [*step.overrides, f"output_dir={step.out}"]))
+    build_tokenizer(step)
 
 
 def build_probe(step: Step, overwrite: bool = False) -> tuple[Any, dict]:

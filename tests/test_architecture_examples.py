@@ -63,6 +63,7 @@ def test_a_float_target_with_cross_entropy_is_one_clear_error(tmp_path, capsys):
 
 
 def test_toy_tokenizer_kind_trains_and_feeds_clustermim(tmp_path):
+    from mimkit.tokenizer_config import TOKENIZER_RECIPES, TOKENIZER_SECTIONS
     from mimkit.tokenizers import TOKENIZERS, Tokenizer
     namespace = {}
     exec(compile(example("Add a tokenizer kind"), "architecture.md", "exec"), namespace)
@@ -82,6 +83,8 @@ def test_toy_tokenizer_kind_trains_and_feeds_clustermim(tmp_path):
         assert model["decoder.pred.weight"].shape[0] == 16  # one logit per grey level
     finally:
         TOKENIZERS.pop("grey")
+        TOKENIZER_SECTIONS.pop("grey")  # registering recorded its section and recipe too (read by later configs)
+        TOKENIZER_RECIPES.pop("grey")
 
 
 def test_recipe_only_method_composes_existing_parts(tmp_path):

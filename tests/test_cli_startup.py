@@ -1,5 +1,6 @@
 """`mimkit --help` and every command's help build and print without importing torch (the command functions
 import what they run; the registries' names in the help come from a cache file), with the registries' names."""
+import dataclasses
 import json
 import os
 import subprocess
@@ -113,10 +114,27 @@ CONFIG_MISTAKES = {
     "pretrain target.pixels.norm=true": "target.pixels.norm_pix",
     "probe knn --checkpoint runs/x/checkpoints/last.pt knn.kk=5": "knn.k",
     "probe linear --checkpoint runs/x/checkpoints/last.pt data.name=digit": "did you mean digits",
+    "tokenizer train kind=dvae vocab_sise=1": "vocab_size",
+    "tokenizer train kind=dvea": "did you mean dvae",
+    "tokenizer train kind=vqkd vqkd.code_dim=wide": "vqkd.code_dim must be an integer",
+    "tokenizer train kind=fsq fsq.objective=pixel": "did you mean pixels",
+    "tokenizer train kind=kmeans batch_size=0": "batch_size=0 is out of range",
+    "analyze tokens --tokenizer tok.pt figures.gallery_tokenz=3": "figures.gallery_tokens",
+    "analyze tokens --tokenizer tok.pt split=val": "train, test",
+    "analyze tokens --tokenizer tok.pt batch_size=0": "batch_size=0 is out of range",
+    "analyze predictions --checkpoint run.pt data.name=digit": "did you mean digits",
+    "study --config study.yaml budget.epochs=1 cells.a.overrides=[optim.bllr=1]": "optim.blr",
+    "study --config study.yaml tokenizers.t.kind=dvea": "did you mean dvae",
+    "study --config study.yaml tokenizers.t.kind=dvae tokenizers.t.overrides=[dvae.tau=1]": "dvae.tau_start",
 }
+# the study every `study` line above starts from (a file in the working directory)
+STUDY = "output_dir: runs/study\ndata: {name: synthetic}\ncells: {a: {method: mae}}\n"
 
 
 def test_config_errors_print_without_torch(tmp_path):
+    """A mistake in a key, a type, a choice, a kind or a range of pretrain, probe, tokenizer train, analyze and
+    study is one error line, exit status 2, and torch is never imported."""
+    (tmp_path / "study.yaml").write_text(STUDY)
     lines = [line.split() for line in CONFIG_MISTAKES]
     r = subprocess.run([sys.executable, "-c", RUN_EVERY_LINE, json.dumps(lines)], capture_output=True, text=True,
                        cwd=tmp_path)
@@ -166,3 +184,29 @@ def test_config_tables_are_the_registries():
     assert full["heads"] == list(HEADS) and full["targets"] == list(TARGETS) and full["methods"] == list(METHODS)
     assert full["losses"] == list(LOSSES) and full["datasets"] == list(DATASETS)
     assert all(json.loads(json.dumps(cls.recipe)) == full["recipes"][name] for name, cls in METHODS.items())
+
+
+# The tokenizer config's class and recipes as plain data: what `mimkit tokenizer train` checks before torch loads.
+DESCRIBE_TOKENIZER_CONFIG = DESCRIBE_CONFIG.split("if len(sys.argv)")[0] + r"""
+from mimkit.tokenizer_config import TOKENIZER_RECIPES, TOKENIZER_SECTIONS, config_class as tokenizer_class
+if len(sys.argv) > 1:
+    import mimkit.tokenizers  # the registry, filled by the kinds' modules
+print(json.dumps({"torch": "torch" in sys.modules, "config": tree(tokenizer_class()), "recipes": TOKENIZER_RECIPES,
+                  "kinds": list(TOKENIZER_SECTIONS)}, default=str))
+"""
+
+
+def test_tokenizer_config_tables_are_the_registry():
+    """`mimkit tokenizer train`'s config built without the kinds' modules (mimkit.tokenizer_config) is the one built
+    after they register: same sections, keys, defaults, choices and recipes, the kinds in registration order."""
+    light, full = (json.loads(subprocess.run([sys.executable, "-c", DESCRIBE_TOKENIZER_CONFIG, *extra],
+                                             capture_output=True, text=True, check=True).stdout)
+                   for extra in ([], ["registry"]))
+    assert not light.pop("torch") and full.pop("torch")
+    assert light == full
+    from mimkit.tokenizers import TOKENIZERS
+    from mimkit.tokenizers.config import config_class
+    assert full["kinds"] == list(TOKENIZERS)
+    assert all(json.loads(json.dumps(cls.recipe)) == full["recipes"][kind] for kind, cls in TOKENIZERS.items())
+    assert {f.name for f in dataclasses.fields(config_class())} >= set(TOKENIZERS) - {
+        kind for kind, cls in TOKENIZERS.items() if cls.Config is None}

@@ -27,10 +27,12 @@ from mimkit.data import dataset_stats
 from mimkit.images import resize
 from mimkit.registry import registrar
 from mimkit.teachers import Teacher
+from mimkit.tokenizer_config import TOKENIZER_RECIPES, TOKENIZER_SECTIONS
 from mimkit.weights import read_tokenizer_safetensors
 
 TOKENIZERS: dict[str, type["Tokenizer"]] = {}
-register_tokenizer = registrar(TOKENIZERS, attr="kind")  # a file's `kind` and the config's kind=<kind> name it
+# a file's `kind` and the config's kind=<kind> name it; its Config and recipe go to the plain tables
+register_tokenizer = registrar(TOKENIZERS, attr="kind", sections=TOKENIZER_SECTIONS, recipes=TOKENIZER_RECIPES)
 
 
 def tokenizer_class(kind: str, where: str = "kind") -> type["TrainableTokenizer"]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -30,29 +29,11 @@ from mimkit.config import ConfigError, check_range
 from mimkit.images import image_grid, resize
 from mimkit.loop import place_model
 from mimkit.teachers import Teacher, read_state_dict
+from mimkit.tokenizer_config import TOKENIZER_RECIPES, DVAEConfig
 
 from .base import FitTraining, GradientTraining, Training, TrainableTokenizer, register_tokenizer, run_args
 
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels
-
-
-@dataclass
-class ConvLayoutConfig:
-    """DALL-E's conv autoencoder layout, shared by the kinds that reconstruct pixels from their codes."""
-    input_size: int = 112  # input side (BEiT: the half-resolution 112 px copy of a 224 view); 0 = data.img_size
-    groups: int = 4  # resolution groups (DALL-E: 4); the input is downsampled by 2^(groups - 1)
-    hidden: int = 256  # width of the first group (DALL-E n_hid)
-    blocks_per_group: int = 2
-
-
-@dataclass
-class DVAEConfig(ConvLayoutConfig):
-    tau_start: float = 1.0  # Gumbel-softmax temperature, cosine-annealed to tau_end (DALL-E: 1 -> 1/16)
-    tau_end: float = 0.0625
-    tau_anneal: float = 0.8  # share of the training steps over which the temperature is annealed
-    kl_weight: float = 0.1  # weight of KL(q || uniform) per token (MSE per pixel), warmed up linearly from 0
-    kl_warmup: float = 0.1  # share of the training steps of the KL warmup
-    dalle_encoder: str = ""  # optional: DALL-E's released encoder (state dict file) loaded into the encoder
 
 
 def conv_input_size(cfg, section: str = "dvae") -> int:
@@ -152,10 +133,7 @@ class Decoder(nn.Module):
 class DVAE(TrainableTokenizer):
     paper = "BEiT"
     Config = DVAEConfig
-    # DALL-E: AdamW, lr 1e-3 -> cosine; no weight decay on the code path matters little at this scale
-    recipe = {"vocab_size": 8192, "epochs": 100, "batch_size": 64, "optim.blr": 1e-3, "optim.lr_batch_ref": 256,
-              "optim.betas": [0.9, 0.999], "optim.weight_decay": 1e-4, "optim.warmup_epochs": 1,
-              "data.crop_scale": [0.08, 1.0]}
+    recipe = TOKENIZER_RECIPES["dvae"]
 
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  input_size: int, groups: int = 4, hidden: int = 256, blocks_per_group: int = 2,

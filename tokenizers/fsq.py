@@ -18,23 +18,17 @@ Written here rather than imported from vector-quantize-pytorch (whose FSQ is the
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from mimkit.config import ConfigError
+from mimkit.tokenizer_config import FSQ_LEVELS, FSQConfig, TOKENIZER_RECIPES
 
 from .base import register_tokenizer
-from .quantized import VQKD_TRAINING, QuantizedConfig, QuantizedTokenizer, Quantizer
+from .quantized import QuantizedTokenizer, Quantizer
 
-FSQ_LEVELS = {8: [8, 6, 5], 10: [8, 5, 5, 5], 12: [7, 5, 5, 5, 5], 14: [8, 8, 8, 6, 5], 16: [8, 8, 8, 5, 5, 5]}
 EPS = 1e-3  # keeps the bounded range just wider than the outer levels so they are reached
-
-
-@dataclass
-class FSQConfig(QuantizedConfig):
-    levels: list[int] = field(default_factory=lambda: list(FSQ_LEVELS[10]))  # vocab_size = their product
 
 
 def round_ste(x: torch.Tensor) -> torch.Tensor:
@@ -81,7 +75,7 @@ class FSQuantizer(Quantizer):
 class FSQTokenizer(QuantizedTokenizer):
     paper = "FSQ"
     Config = FSQConfig
-    recipe = VQKD_TRAINING
+    recipe = TOKENIZER_RECIPES["fsq"]
 
     @classmethod
     def make_quantizer(cls, levels: list[int]) -> FSQuantizer:

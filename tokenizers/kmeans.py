@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -17,32 +16,21 @@ import torch
 import torch.nn.functional as F
 
 from mimkit import progress
-from mimkit.config import ConfigError, check_range, choices
+from mimkit.config import ConfigError, check_range
 from mimkit.data import Transformed, eval_transform, make_loader
 from mimkit.dist import autocast
 from mimkit.images import pixel_target, resize
 from mimkit.teachers import Teacher
+from mimkit.tokenizer_config import KMeansConfig, TOKENIZER_RECIPES
 
 from .base import FitTraining, TrainableTokenizer, register_tokenizer, run_args
-
-
-@dataclass
-class KMeansConfig:
-    features: str = choices("pixels", "teacher", default="pixels")  # teacher: L2-normalized, spherical k-means
-    norm_pix: bool = False  # pixels: standardize each patch by its own mean/var before clustering
-    max_samples: int = 1_000_000  # patches sampled from the training set (spread evenly over images)
-    niter: int = 20
-    threads: int = 0  # FAISS / BLAS threads for the fit (0 = all cores; 1 can be faster on a busy shared machine)
-    # FAISS fits on at most this many samples per center: its default, 256, stops short of the converged
-    # objective on image patches (benchmarks/kmeans.py)
-    max_points_per_centroid: int = 1024
 
 
 @register_tokenizer("kmeans")
 class KMeansTokenizer(TrainableTokenizer):
     paper = "ClusterMIM"
     Config = KMeansConfig
-    recipe = {"vocab_size": 512}
+    recipe = TOKENIZER_RECIPES["kmeans"]
 
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float], dim: int,
                  norm_pix: bool = False, teacher: dict | None = None):

@@ -35,7 +35,6 @@ teacher features.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -46,27 +45,10 @@ from mimkit.images import resize
 from mimkit.loop import place_model
 from mimkit.teachers import Teacher
 from mimkit.vit import make_blocks, sincos_pos_embed
+from mimkit.tokenizer_config import LaVITConfig, TOKENIZER_RECIPES
 
 from .base import GradientTraining, TrainableTokenizer, register_tokenizer, run_args
-from .vqkd import VQKD, NormEMAQuantizer, codes_used, cosine_loss, placed_teacher, task_mlp
-
-
-@dataclass
-class LaVITConfig:
-    keep_ratio: float = 0.36  # target share of kept patches (LaVIT keeps ~36% of a 16x16 grid on average)
-    ratio_weight: float = 2.0  # weight of the keep-ratio loss (DynamicViT's)
-    tau: float = 1.0  # Gumbel-softmax temperature (LaVIT's F.gumbel_softmax default)
-    embed_dim: int = 768  # merger width (LaVIT: the teacher's, 1408 for EVA-CLIP ViT-g)
-    depth: int = 12  # merger blocks (LaVIT: 12)
-    num_heads: int = 12  # LaVIT: 16
-    mlp_ratio: float = 4.0  # LaVIT: 4.3637 (EVA's)
-    code_dim: int = 32  # L2-normalized code space (LaVIT: 32)
-    decoder_depth: int = 1
-    decoder_embed_dim: int = 768
-    decoder_num_heads: int = 12
-    decay: float = 0.99  # EMA decay of the codebook
-    beta: float = 1.0  # commitment loss weight
-    restart: float = 0.1  # restart codes whose EMA usage falls below restart x the mean usage (0 = never)
+from .vqkd import NormEMAQuantizer, codes_used, cosine_loss, placed_teacher, task_mlp
 
 
 class Selector(nn.Module):
@@ -166,8 +148,7 @@ class Merger(nn.Module):
 class LaVIT(TrainableTokenizer):
     paper = "LaVIT"
     Config = LaVITConfig
-    # VQ-KD's optimizer and schedule (LaVIT's tokenizer training recipe is not released), LaVIT's 16384 codes
-    recipe = {**{k: v for k, v in VQKD.recipe.items() if k != "vocab_size"}, "vocab_size": 16384}
+    recipe = TOKENIZER_RECIPES["lavit"]
 
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  teacher_dim: int, teacher: dict | None = None, embed_dim: int = 768, depth: int = 12,

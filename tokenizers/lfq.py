@@ -22,28 +22,17 @@ Written here rather than imported from vector-quantize-pytorch: its LFQ builds a
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from mimkit.config import ConfigError, check_range
+from mimkit.tokenizer_config import LFQConfig, TOKENIZER_RECIPES
 
 from .base import register_tokenizer
-from .quantized import VQKD_TRAINING, QuantizedConfig, QuantizedTokenizer, Quantizer
+from .quantized import QuantizedTokenizer, Quantizer
 
 MAX_GROUP_BITS = 9  # entropy_groups=0: groups of at most 9 bits (Open-MAGVIT2: 2 x 9 for 2^18 codes)
-
-
-@dataclass
-class LFQConfig(QuantizedConfig):
-    dim: int = 13  # bits: vocab_size = 2^dim (13: VQ-KD's 8192 codes; MAGVIT-v2 uses 18)
-    tau: float = 0.01  # temperature of the code distribution in the entropy penalty
-    entropy_weight: float = 0.1
-    sample_weight: float = 1.0  # weight of the per-sample entropy (minimized)
-    batch_weight: float = 1.0  # weight of the batch (codebook) entropy (maximized)
-    commitment: float = 0.25
-    entropy_groups: int = 0  # bit groups the entropy is factorized over; 0 = as few as keep each <= 9 bits
 
 
 def sign_codes(bits: int, device: torch.device | None = None) -> torch.Tensor:
@@ -100,7 +89,7 @@ class LFQuantizer(Quantizer):
 class LFQTokenizer(QuantizedTokenizer):
     paper = "MAGVIT-v2's LFQ"
     Config = LFQConfig
-    recipe = VQKD_TRAINING
+    recipe = TOKENIZER_RECIPES["lfq"]
 
     @classmethod
     def make_quantizer(cls, **args) -> LFQuantizer:

@@ -18,28 +18,18 @@ dead-code restarts, mimkit.tokenizers.vqkd) instead of VQGAN's learned codebook,
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from mimkit.config import ConfigError, check_range
 from mimkit.teachers import Teacher
+from mimkit.tokenizer_config import PeCoConfig, TOKENIZER_RECIPES
 
 from .base import register_tokenizer
-from .dvae import DVAE, ConvLayoutConfig, check_grid
+from .dvae import check_grid
 from .quantized import QuantizedTokenizer, QuantizedTraining, Quantizer
 from .vqkd import NormEMAQuantizer
-
-
-@dataclass
-class PeCoConfig(ConvLayoutConfig):
-    code_dim: int = 32  # L2-normalized code space (VQ-KD's)
-    decay: float = 0.99  # EMA decay of the codebook
-    beta: float = 0.25  # commitment weight (VQ-VAE's)
-    restart: float = 0.1  # restart codes whose EMA usage falls below restart x the mean usage (0 = never)
-    layers: list[int] = field(default_factory=list)  # teacher blocks (1-based); [] = four spread over its depth
-    perceptual_weight: float = 1.0
 
 
 class SphericalEMAQuantizer(Quantizer):
@@ -82,9 +72,7 @@ def perceptual_loss(teacher: Teacher, x: torch.Tensor, rec: torch.Tensor, stats:
 class PeCo(QuantizedTokenizer):
     paper = "PeCo"
     Config = PeCoConfig
-    # the dVAE's optimizer and schedule (PeCo trains its VQGAN with Adam at a similar 4.5e-6 x batch), over
-    # PeCo's vocabulary of 8192 codes
-    recipe = dict(DVAE.recipe)
+    recipe = TOKENIZER_RECIPES["peco"]
 
     @classmethod
     def make_quantizer(cls, **args) -> SphericalEMAQuantizer:

@@ -13,7 +13,6 @@ section and its recipe.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -21,26 +20,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from mimkit.config import choices
 from mimkit.images import image_grid, resize
 from mimkit.loop import place_model
 from mimkit.teachers import Teacher
 
 from .base import GradientTraining, TrainableTokenizer, run_args
-from .dvae import ConvLayoutConfig, Decoder, Encoder, check_grid, conv_input_size, pixel_metrics, to01
-from .vqkd import (VQKD, ViTLayoutConfig, check_vit_layout, cosine_loss, placed_teacher, vit_decoder, vit_encoder,
-                   vit_layout_args)
+from .dvae import Decoder, Encoder, check_grid, conv_input_size, pixel_metrics, to01
+from .vqkd import check_vit_layout, cosine_loss, placed_teacher, vit_decoder, vit_encoder, vit_layout_args
 
-OBJECTIVES = ("teacher", "pixels")
-# The recipe of the quantizer kinds whose vocabulary their settings fix (fsq, lfq): VQ-KD's optimizer and
-# schedule, so that they and VQ-KD under one teacher differ in the quantizer only
-VQKD_TRAINING = {k: v for k, v in VQKD.recipe.items() if k != "vocab_size"}
-
-
-@dataclass
-class QuantizedConfig(ConvLayoutConfig, ViTLayoutConfig):
-    """The layout keys of both objectives (only the chosen objective's are used)."""
-    objective: str = choices(*OBJECTIVES, default="teacher")  # teacher: VQ-KD's layout; pixels: the dVAE's
 
 
 class Quantizer(nn.Module, ABC):

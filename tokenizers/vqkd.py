@@ -10,7 +10,6 @@ patch features with 1 - cosine similarity.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -22,28 +21,10 @@ from mimkit.images import resize
 from mimkit.loop import place_model
 from mimkit.teachers import Teacher
 from mimkit.vit import ViT
+from mimkit.tokenizer_config import ViTLayoutConfig, VQKDConfig, TOKENIZER_RECIPES
 
 from .base import GradientTraining, TrainableTokenizer, register_tokenizer, run_args
 from .kmeans import assign, fit_kmeans
-
-
-@dataclass
-class ViTLayoutConfig:
-    """VQ-KD's layout, shared by the kinds that regress a teacher's features through their codes."""
-    embed_dim: int = 768  # ViT encoder of the tokenizer (BEiT v2: ViT-B/16)
-    depth: int = 12
-    num_heads: int = 12
-    decoder_depth: int = 1  # shallow ViT decoder regressing the teacher features (BEiT v2: 1 or 3)
-    decoder_embed_dim: int = 768
-    decoder_num_heads: int = 12
-
-
-@dataclass
-class VQKDConfig(ViTLayoutConfig):
-    code_dim: int = 32  # L2-normalized code space
-    decay: float = 0.99  # EMA decay of the codebook
-    beta: float = 1.0  # commitment loss weight (BEiT v2: 1.0)
-    restart: float = 0.1  # restart codes whose EMA usage falls below restart x the mean usage (0 = never)
 
 
 def _all_reduce(t: torch.Tensor) -> torch.Tensor:
@@ -149,10 +130,7 @@ def task_mlp(dim: int, out: int) -> nn.Sequential:
 class VQKD(TrainableTokenizer):
     paper = "BEiT v2"
     Config = VQKDConfig
-    # BEiT v2 VQ-KD: lr 5e-5 per 128 images, betas (0.9, 0.99), wd 1e-4, min lr 1e-5, crop scale 0.08-1
-    recipe = {"vocab_size": 8192, "epochs": 100, "batch_size": 64, "optim.blr": 5e-5, "optim.lr_batch_ref": 128,
-              "optim.betas": [0.9, 0.99], "optim.weight_decay": 1e-4, "optim.warmup_epochs": 5,
-              "optim.min_lr": 1e-5, "data.crop_scale": [0.08, 1.0]}
+    recipe = TOKENIZER_RECIPES["vqkd"]
 
     def __init__(self, img_size: int, grid: int, vocab_size: int, mean: list[float], std: list[float],
                  teacher_dim: int, embed_dim: int = 768, depth: int = 12, num_heads: int = 12, code_dim: int = 32,
