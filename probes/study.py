@@ -220,7 +220,7 @@ def check_configs(steps: list[Step]) -> None:
     for step in steps:
         if step.kind in ("pretrain", "tokenizer"):
             try:
-                (build_pretrain if step.kind == "pretrain" else check_tokenizer)(step)
+                (check_pretrain if step.kind == "pretrain" else check_tokenizer)(step)
             except ConfigError as e:
                 raise ConfigError(f"{step.name}: {e}") from None
 
@@ -242,6 +242,12 @@ def _flag(overwrite: bool) -> list[str]:
 def build_pretrain(step: Step, overwrite: bool = False) -> tuple[Any, None]:
     from mimkit.pretrain_config import pretrain_config  # the plain tables: a study's config check needs no torch
     return pretrain_config(step.files, [*step.overrides, f"output_dir={step.out}", *_flag(overwrite)]), None
+
+
+def check_pretrain(step: Step) -> None:
+    """A cell's config, with pretraining's cross-field checks (e.g. target.ema.top_k against the encoder's depth)."""
+    from mimkit.pretrain_config import validate
+    validate(build_pretrain(step)[0])
 
 
 def build_tokenizer(step: Step, overwrite: bool = False) -> tuple[Any, None]:

@@ -67,6 +67,9 @@ def test_a_cell_reads_its_config_file_before_its_overrides(tmp_path):
     ({"cells": {"a": {"method": "mae"}}, "probes": ["svm"]}, ["svm", "linear"]),
     ({"cells": {"a": {"method": "mae", "overrides": ["optim.bllr=1"]}}}, ["cell:a", "optim.bllr"]),
     ({"cells": {"a": {"method": "mea"}}}, ["cell:a", "mea", "did you mean mae"]),
+    # a check that needs two keys (the encoder's depth from the data preset and the method's top_k)
+    ({"cells": {"a": {"method": "data2vec2", "overrides": ["target.ema.top_k=13"]}}},
+     ["cell:a", "target.ema.top_k=13", "exceeds the encoder"]),
 ])
 def test_bad_study_files_are_one_line_errors_before_anything_runs(tmp_path, capsys, study, words):
     path = write(tmp_path, study)
