@@ -56,20 +56,53 @@ def test_inference_keeps_the_expected_count_of_most_likely_patches():
 
 def test_ratio_loss_definition_and_it_drives_the_keep_ratio_to_its_target():
     keep = torch.tensor([[1.0, 0, 0, 0], [1, 1, 1, 0]])
-    assert ratio_loss(keep, 0.5).item() == pytest.approx(((0.25 - 0.5) ** 2 + (0.75 - 0.5) ** 2) / 2)
+    # DynamicViT's form: each image's share held at the target; the batch form: only the batch's share, so these
+    # two images (1 and 3 tokens) already meet a 0.5 target, and 0.4 costs (0.5 - 0.4)^2
+    assert ratio_loss(keep, 0.5, "image").item() == pytest.approx(((0.25 - 0.5) ** 2 + (0.75 - 0.5) ** 2) / 2)
+    assert ratio_loss(keep, 0.5, "batch").item() == 0.0
+    assert ratio_loss(keep, 0.4, "batch").item() == pytest.approx(0.1 ** 2)
+    assert ratio_loss(keep, 0.4).item() == ratio_loss(keep, 0.4, "batch").item()  # the default
     feats = torch.randn(32, 16, 8, generator=torch.Generator().manual_seed(0))
-    for target in (0.2, 0.8):
+    for target, scope in ((0.2, "image"), (0.8, "image"), (0.2, "batch"), (0.8, "batch")):
         tok = tiny().train()
         opt = torch.optim.Adam([*tok.proj.parameters(), *tok.selector.parameters()], lr=2e-2)
         for _ in range(40):
-            loss = ratio_loss(tok.decide(tok.selector(tok.proj(feats))), target)
+            loss = ratio_loss(tok.decide(tok.selector(tok.proj(feats))), target, scope)
             opt.zero_grad()
             loss.backward()
             opt.step()
         with torch.no_grad():
             sampled = tok.decide(tok.selector(tok.proj(feats))).mean().item()
             kept = tok.eval().decide(tok.selector(tok.proj(feats))).mean().item()
-        assert abs(sampled - target) < 0.08 and abs(kept - target) < 0.08, (target, sampled, kept)
+        assert abs(sampled - target) < 0.08 and abs(kept - target) < 0.08, (target, scope, sampled, kept)
+
+
+def test_batch_scope_lets_the_count_follow_the_content_and_image_scope_does_not():
+    """A stand-in for the reconstruction pressure: dropping an informative patch costs 1, other patches are
+    free. Images carry 2 to 14 informative patches of 16 (mean 8, the target share 0.5). Trained through the real
+    selector and its Gumbel sample, the batch form keeps about each image's informative count; DynamicViT's
+    per-image form pulls the images towards 8."""
+    g = torch.Generator().manual_seed(0)
+    n_info = torch.arange(2, 15, 2).repeat(5)  # [35]
+    info = (torch.rand(35, 16, generator=g).argsort(1) < n_info[:, None]).float()
+    feats = torch.randn(35, 16, 8, generator=g) * 0.1 + info[..., None]  # informative patches read differently
+    counts = {}
+    for scope in ("batch", "image"):
+        tok = tiny().train()
+        opt = torch.optim.Adam([*tok.proj.parameters(), *tok.selector.parameters()], lr=2e-2)
+        for _ in range(150):
+            keep = tok.decide(tok.selector(tok.proj(feats)))
+            loss = ((1 - keep) * info).sum(1).mean() / 16 + 2.0 * ratio_loss(keep, 0.5, scope)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        with torch.no_grad():
+            counts[scope] = tok.eval().decide(tok.selector(tok.proj(feats))).sum(1)
+    spread = {s: np.corrcoef(c.numpy(), n_info.numpy())[0, 1] for s, c in counts.items()}
+    assert spread["batch"] > 0.9 and (counts["batch"] - n_info).abs().float().mean() < 1.5, counts["batch"]
+    # per image, the images with few informative patches are pulled up to the target's 8 (dropping more of a
+    # busy image would cost more than its ratio term)
+    assert (counts["image"][n_info < 8] >= 7).all() and counts["image"].std() < counts["batch"].std(), counts
 
 
 def test_policy_softmax_is_the_masked_softmax_and_empty_rows_are_zero():

@@ -10,9 +10,12 @@ features.
   expected number of kept patches under that sampling, round(sum of p_keep) >= 1, the most likely ones, i.e. a
   per-image threshold on p_keep. A fixed 0.5 threshold disagrees with the trained count wherever probabilities
   sit near 0.5 (the ratio loss holds the *sampled* share at its target, which p_keep = 0.5 everywhere meets).
-- Keep-ratio loss: ratio_weight * mean over images of (kept share of the image - keep_ratio)^2, DynamicViT's
-  ratio loss (Rao et al. 2021), which LaVIT's paper uses to hold the share of kept tokens near a target; the
-  released LaVIT code has no training loop, so the weight (2.0) is DynamicViT's.
+- Keep-ratio loss: ratio_weight * (kept share - keep_ratio)^2, DynamicViT's ratio loss (Rao et al. 2021),
+  which LaVIT's paper uses to hold the share of kept tokens near a target; the released LaVIT code has no
+  training loop, so the weight (2.0) is DynamicViT's. `ratio_scope=batch` (default) takes the share over the
+  whole batch, so the *average* is held at keep_ratio and each image keeps as many tokens as its content asks
+  (LaVIT's variable length: ~36% of the grid on average); `image` is DynamicViT's form, the mean over images of
+  each image's squared deviation, which drives every image to the same count.
 - Merger (`TokenMerger`, `CausalFuserBlock`): the teacher features, projected to `embed_dim` (a linear layer of
   mimkit's: LaVIT runs selector and merger at the teacher's own width, 1408), go through
   `depth` blocks of (causal self-attention in raster order over the kept tokens: a token reads the kept tokens
@@ -279,25 +282,29 @@ class LaVIT(TrainableTokenizer):
 
     def trainer(self, cfg, teacher: Teacher | None) -> "LaVITTraining":
         placed_teacher(self.teacher, self)  # the teacher's grid checked against the tokenizer's, now
-        return LaVITTraining(self, cfg.lavit.keep_ratio, cfg.lavit.ratio_weight)
+        return LaVITTraining(self, cfg.lavit.keep_ratio, cfg.lavit.ratio_weight, cfg.lavit.ratio_scope)
 
 
-def ratio_loss(keep: torch.Tensor, keep_ratio: float) -> torch.Tensor:
-    """DynamicViT's ratio loss: mean over images of (share of kept patches - keep_ratio)^2, keep [B, N]."""
-    return ((keep.float().mean(1) - keep_ratio) ** 2).mean()
+def ratio_loss(keep: torch.Tensor, keep_ratio: float, scope: str = "batch") -> torch.Tensor:
+    """The keep-ratio loss for a keep mask [B, N]: (share of kept patches in the batch - keep_ratio)^2 (scope
+    batch), or DynamicViT's mean over images of (the image's share - keep_ratio)^2 (scope image)."""
+    share = keep.float().mean(1)
+    if scope == "batch":
+        return (share.mean() - keep_ratio) ** 2
+    return ((share - keep_ratio) ** 2).mean()
 
 
 class LaVITTraining(GradientTraining):
     """1 - cosine to the teacher's features of every patch + the weighted keep-ratio loss + the commitment loss."""
 
-    def __init__(self, tok: LaVIT, keep_ratio: float, ratio_weight: float):
+    def __init__(self, tok: LaVIT, keep_ratio: float, ratio_weight: float, ratio_scope: str = "batch"):
         super().__init__(tok)
-        self.keep_ratio, self.ratio_weight = keep_ratio, ratio_weight
+        self.keep_ratio, self.ratio_weight, self.ratio_scope = keep_ratio, ratio_weight, ratio_scope
 
     def loss(self, imgs: torch.Tensor, progress: float) -> dict:
         out = self.tok(resize(imgs, self.tok.img_size))
         rec_loss = cosine_loss(out["rec"], out["feats"])
-        ratio = ratio_loss(out["keep"], self.keep_ratio)
+        ratio = ratio_loss(out["keep"], self.keep_ratio, self.ratio_scope)
         kept = out["ids"][out["ids"] >= 0]
         return {"loss": rec_loss + self.ratio_weight * ratio + out["commit"], "rec_loss": rec_loss.detach(),
                 "ratio_loss": ratio.detach(), "commit_loss": out["commit"].detach(),
