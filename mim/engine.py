@@ -112,8 +112,8 @@ def build_data(cfg, device: torch.device):
     return images, sampler, loader, mask_gen
 
 
-def resume(path: Path, model, optimizer, loop: Loop, seed: int, fallback: bool = False) -> int:
-    """Load a checkpoint into the model, optimizer and loop; returns the first epoch still to train (an epoch a
+def resume(path: Path, model, loop: Loop, seed: int, fallback: bool = False) -> int:
+    """Load a checkpoint into the model and the loop (its optimizer too); returns the first epoch still to train (an epoch a
     signal interrupted continues where it stopped). `fallback` (resume=auto): a damaged last.pt gives way to
     last.prev.pt, with a warning."""
     ckpt, path = checkpoint.load_resumable(path, "pretrain", loop.log, fallback)
@@ -122,10 +122,8 @@ def resume(path: Path, model, optimizer, loop: Loop, seed: int, fallback: bool =
     except RuntimeError as e:
         raise checkpoint.CheckpointError(f"{path} does not fit this model ({str(e).splitlines()[0]}); "
                                          f"was it trained with another architecture or method?") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
-    loop.step, loop.history, loop.resume_at = ckpt["step"], ckpt.get("history", []), ckpt.get("partial")
     restore_rng(ckpt, seed)
-    return ckpt["epoch"] + 1
+    return loop.restore(ckpt)
 
 
 def panel_inputs(cfg, mask_gen, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,8 +154,7 @@ def setup(cfg) -> PretrainRun:
     optimizer = build_optimizer(model, cfg, device)
     out = resolve_output_dir(cfg)
     loop = Loop(cfg, model, optimizer, device, len(loader), log=RunLog(out), ckpt_path=out / "checkpoints" / "last.pt")
-    start_epoch = 0 if resume_from is None else resume(resume_from, model, optimizer, loop, cfg.seed,
-                                                       cfg.resume == "auto")
+    start_epoch = 0 if resume_from is None else resume(resume_from, model, loop, cfg.seed, cfg.resume == "auto")
     if cfg.model.init_from and resume_from is None:
         init_from(model, cfg.model.init_from)
     updates = cfg.epochs * (len(loader) // cfg.accum_iter)

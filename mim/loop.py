@@ -158,6 +158,13 @@ class Loop:
             return f"{self.ckpt_path} (epoch {self.history[-1]['epoch']})"
         return "none yet"
 
+    def restore(self, ckpt: dict) -> int:
+        """Continue from a training checkpoint whose weights are loaded: the optimizer, step, history and an
+        interrupted epoch's progress; returns the first epoch still to train."""
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.history, self.resume_at = ckpt["step"], ckpt.get("history", []), ckpt.get("partial")
+        return ckpt["epoch"] + 1
+
     def start_of(self, epoch: int) -> int:
         """The iterations of `epoch` trained before an interruption: its batches start after them."""
         return self.resume_at["it"] if self.resume_at and self.resume_at["epoch"] == epoch else 0

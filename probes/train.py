@@ -70,11 +70,9 @@ def resume(loop: Loop, run: ProbeRun) -> int:
         return 0
     ckpt, path = checkpoint.load_resumable(loop.ckpt_path, "probe_train", run.log)
     loop.model.load_state_dict(ckpt["model"])
-    loop.optimizer.load_state_dict(ckpt["optimizer"])
-    loop.step, loop.history, loop.resume_at = ckpt["step"], ckpt["history"], ckpt.get("partial")
     checkpoint.set_rng_state(ckpt["rng"])
-    run.log(f"resumed from {path} (epoch {ckpt['epoch'] + 1} done, step {loop.step})")
-    return ckpt["epoch"] + 1
+    run.log(f"resumed from {path} (epoch {ckpt['epoch'] + 1} done, step {ckpt['step']})")
+    return loop.restore(ckpt)
 
 
 def stop(loop: Loop, where: str) -> None:

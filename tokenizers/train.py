@@ -137,11 +137,9 @@ def resume(run: TokenizerRun, loop: Loop) -> int:
         return 0
     ckpt, path = checkpoint.load_resumable(run.resume_from, "tokenizer_train", run.log, run.cfg.resume == "auto")
     run.tok.load_state_dict(ckpt["model"])
-    loop.optimizer.load_state_dict(ckpt["optimizer"])
-    loop.step, loop.history, loop.resume_at = ckpt["step"], ckpt["history"], ckpt.get("partial")
     checkpoint.set_rng_state(ckpt["rng"])
-    run.log(f"resumed from {path} (epoch {ckpt['epoch'] + 1} done, step {loop.step})")
-    return ckpt["epoch"] + 1
+    run.log(f"resumed from {path} (epoch {ckpt['epoch'] + 1} done, step {ckpt['step']})")
+    return loop.restore(ckpt)
 
 
 def train_epoch(run: TokenizerRun, loop: Loop, loader: DataLoader, epoch: int) -> dict | None:
