@@ -1,7 +1,7 @@
 """kill -9 at 20 seeded moments over the long commands: pretraining of one method per family (pixels: mae, HOG:
 maskfeat, token ids: clustermim, teacher features: eva, EMA latents: data2vec2) and tokenizer training of every
-kind (dvae, vqkd, kmeans, fsq, lfq, peco). Each moment is an optimizer step (SIGKILL during its backward) or the
-middle of a checkpoint write (half the bytes on disk, then SIGKILL), drawn from a seeded generator; after each kill
+kind (dvae, vqkd, kmeans, fsq, lfq, peco, lavit). Each moment is an optimizer step (SIGKILL during its backward)
+or the middle of a checkpoint write (half the bytes on disk, then SIGKILL), drawn from a seeded generator; after each kill
 the run's last.pt still passes its checksum, and after `resume=auto` the final weights and metrics are bitwise
 those of an uninterrupted run (the references run in this process, the killed runs in subprocesses). Then 7 more:
 `probe linear` (augmented, with its random-init baseline) and `probe finetune` at two seeded moments each, and a
@@ -94,7 +94,9 @@ def cases(teacher: Path, kmeans: Path) -> dict[str, list[str]]:
             "dvae": [*tok("dvae"), "dvae.hidden=8"], "vqkd": [*tok("vqkd"), small[0], *(f"vqkd.{s}" for s in small[1:])],
             "fsq": [*tok("fsq"), "fsq.objective=pixels", "fsq.hidden=16"],
             "lfq": [*tok("lfq"), small[0], *(f"lfq.{s}" for s in small[1:])],
-            "peco": [*tok("peco"), small[0], "peco.hidden=8"]}
+            "peco": [*tok("peco"), small[0], "peco.hidden=8"],
+            "lavit": [*tok("lavit"), small[0], *(f"lavit.{s}" for s in small[1:]), "lavit.num_heads=2",
+                      "lavit.decoder_num_heads=2"]}
 
 
 def kill_points(names: list[str], total: int = 20, seed: int = 24) -> dict[str, list[tuple[str, int]]]:
@@ -143,13 +145,13 @@ def result(out: Path, pretrain: bool) -> tuple[dict, dict]:
     return state, {k: v for k, v in metrics.items() if "seconds" not in k and "per_s" not in k and k != "tokenizer"}
 
 
-NAMES = ["mae", "maskfeat", "clustermim", "eva", "data2vec2", "dvae", "vqkd", "fsq", "lfq", "peco", "kmeans"]
+NAMES = ["mae", "maskfeat", "clustermim", "eva", "data2vec2", "dvae", "vqkd", "fsq", "lfq", "peco", "lavit", "kmeans"]
 POINTS = kill_points(NAMES)
 
 
 def test_the_sweep_kills_twenty_times():
     assert sum(len(p) for p in POINTS.values()) == 20 and len(POINTS["kmeans"]) == 1
-    assert sum(len(p) for p in PROBE_POINTS.values()) == 4 and len(STUDY_POINTS) == 3  # 27 over 14 commands
+    assert sum(len(p) for p in PROBE_POINTS.values()) == 4 and len(STUDY_POINTS) == 3  # 27 over 15 commands
 
 
 @pytest.fixture(scope="module")
