@@ -40,8 +40,9 @@ class DataConfig:
     shuffle_buffer: int = 1000  # webdataset: samples each loader worker shuffles through (0: shard order only)
 
 
-def validate_data(data: DataConfig) -> None:
-    """The checks of the `data` section every command shares (pretrain, tokenizer, probe, analyze)."""
+def validate_data(data: DataConfig, sources: bool = True) -> None:
+    """The checks of the `data` section every command shares (pretrain, tokenizer, probe, analyze). `sources`:
+    also that a folder or shard dataset names where it is (False while a checkpoint may still supply it)."""
     check_range("data.limit", data.limit, 0)
     check_range("data.test_limit", data.test_limit, 0)
     check_range("data.img_size", data.img_size, 1)
@@ -49,10 +50,10 @@ def validate_data(data: DataConfig) -> None:
     lo, hi = data.crop_scale
     if not 0 < lo <= hi <= 1:
         raise ConfigError(f"data.crop_scale={list(data.crop_scale)} must satisfy 0 < min <= max <= 1")
-    if data.name in FOLDERS and not data.root:
+    if sources and data.name in FOLDERS and not data.root:
         raise ConfigError(f"data.root is required for data.name={data.name}, e.g. data.root=/data/{data.name}")
     check_range("data.shuffle_buffer", data.shuffle_buffer, 0)
-    if data.name == "webdataset" and not data.urls:
+    if sources and data.name == "webdataset" and not data.urls:
         raise ConfigError("data.urls is required for data.name=webdataset, e.g. "
                           "data.urls=/data/shards/train-{000000..000127}.tar")
 

@@ -16,13 +16,11 @@ examples:
   mimkit analyze predictions --checkpoint runs/clustermim_digits/checkpoints/last.pt"""
 
 
-def check_config(args, validated: bool = True) -> None:
-    """Build (and check) the config from the command line before torch loads: a mistake is one line at once.
-    `validated`: also its ranges (predictions take their data defaults from the checkpoint, read later)."""
+def check_config(args, sources: bool = True) -> None:
+    """Build and check the config from the command line before torch loads: a mistake is one line at once.
+    `sources`: also where the data is (predictions take data.root from the checkpoint, read later)."""
     from .analyze_config import analyze_config, validate
-    cfg = analyze_config(args.config, args.overrides)
-    if validated:
-        validate(cfg)
+    validate(analyze_config(args.config, args.overrides), sources)
 
 
 def cmd_tokens(args) -> int:
@@ -37,7 +35,7 @@ def cmd_tokens(args) -> int:
 
 
 def cmd_predictions(args) -> int:
-    check_config(args, validated=False)
+    check_config(args, sources=False)
     from .semantics import analyze_predictions, build_analyze_config
     cfg, ckpt = build_analyze_config(args.config, args.overrides, tokenizers=args.tokenizer,
                                      checkpoint_path=args.checkpoint, out=args.out)

@@ -54,10 +54,11 @@ def split_limit(cfg: AnalyzeConfig) -> int:
     return cfg.data.limit if cfg.split == "train" else cfg.data.test_limit
 
 
-def validate(cfg: AnalyzeConfig) -> None:
+def validate(cfg: AnalyzeConfig, sources: bool = True) -> None:
+    """Every range and choice; `sources`: also where the data is (see `validate_data`)."""
     check_range("batch_size", cfg.batch_size, 1)
     check_range("metric_samples", cfg.metric_samples, 1)
-    validate_data(cfg.data)
+    validate_data(cfg.data, sources)
     for k in ("gallery_tokens", "gallery_patches", "map_images", "heatmap_tokens"):
         check_range(f"figures.{k}", getattr(cfg.figures, k), 1)
     check_range("figures.context", cfg.figures.context, 0)

@@ -22,13 +22,16 @@ def _read(path: Path) -> dict:
 
 
 def cell_row(study: dict, cell: str, root: Path, tokens: dict) -> dict[str, Any]:
-    """The row of one cell from its run directories (missing results stay None)."""
+    """The row of one cell from its run directories (missing results stay None: a job of a submitted study
+    reports before the other cells have run)."""
     out = root / "cells" / cell
-    m, cfg = _read(out / "metrics.json"), yaml.safe_load((out / "config.yaml").read_text()) or {}
+    saved = out / "config.yaml"
+    m, cfg = _read(out / "metrics.json"), (yaml.safe_load(saved.read_text()) if saved.is_file() else None) or {}
     kind = cfg.get("target", {}).get("kind", "")
-    tok_name = (study["cells"][cell] or {}).get("tokenizer")
+    spec = study["cells"][cell] or {}
+    tok_name = spec.get("tokenizer")
     sem = tokens.get(tok_name, {}) if tok_name else {}
-    row = {"cell": cell, "method": cfg.get("method"), "family": FAMILIES.get(kind, kind),
+    row = {"cell": cell, "method": cfg.get("method", spec.get("method")), "family": FAMILIES.get(kind, kind),
            "discrete": kind == "tokens", "tokenizer": tok_name,
            "tcas_norm": sem.get("tcas_norm"), "nmi": sem.get("nmi"), "usage": sem.get("usage"),
            "train_seconds": m.get("train_seconds"), "images_per_s": m.get("images_per_s"),

@@ -123,6 +123,8 @@ CONFIG_MISTAKES = {
     "analyze tokens --tokenizer tok.pt split=val": "train, test",
     "analyze tokens --tokenizer tok.pt batch_size=0": "batch_size=0 is out of range",
     "analyze predictions --checkpoint run.pt data.name=digit": "did you mean digits",
+    "analyze predictions --checkpoint run.pt figures.context=-1": "figures.context=-1 is out of range",
+    "analyze predictions --checkpoint run.pt data.name=cifar10 data.limit=-5": "data.limit=-5 is out of range",
     "study --config study.yaml budget.epochs=1 cells.a.overrides=[optim.bllr=1]": "optim.blr",
     "study --config study.yaml tokenizers.t.kind=dvea": "did you mean dvae",
     "study --config study.yaml tokenizers.t.kind=dvae tokenizers.t.overrides=[dvae.tau=1]": "dvae.tau_start",

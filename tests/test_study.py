@@ -126,6 +126,22 @@ def test_tiny_study_runs_skips_reruns_and_resumes(tmp_path):
     assert resumed["steps"]["cell:clustermim"] == "resumed" and resumed["steps"]["probe:clustermim:knn"] == "reran"
 
 
+def test_report_of_a_study_whose_cells_have_not_all_run(tmp_path):
+    """A submitted study's job (`--only STEP`) writes the report while other cells have not started: their rows
+    stay empty, the method comes from the study file, and nothing fails."""
+    from mimkit.probes.study_report import write_report
+    study = load_study(write(tmp_path, TINY))
+    done = tmp_path / "study" / "cells" / "mae"
+    (done / "probe_knn").mkdir(parents=True)
+    (done / "config.yaml").write_text(yaml.safe_dump({"method": "mae", "target": {"kind": "pixels"}}))
+    (done / "probe_knn" / "metrics.json").write_text(json.dumps({"top1": 41.5}))
+    report = write_report(study, plan(study), {}, log=lambda _: None)
+    rows = {r["cell"]: r for r in report["rows"]}
+    assert rows["mae"]["knn"] == 41.5 and rows["mae"]["family"] == "pixels"
+    assert rows["clustermim"]["method"] == "clustermim" and rows["clustermim"]["knn"] is None
+    assert "| clustermim | clustermim |" in (tmp_path / "study" / "study.md").read_text()
+
+
 def test_submitted_study_chains_its_steps_by_dependencies(tmp_path):
     from mimkit.study_cli import dependency
     steps = {s.name: s for s in plan(load_study(write(tmp_path, TINY)))}
