@@ -24,7 +24,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
-from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.io import ImageReadMode, decode_image
 
 from .config import ConfigError
 from .images import uint8_normalizer
@@ -102,9 +102,9 @@ def read_rgb(path: str) -> torch.Tensor:
     """An image file as a uint8 tensor [3, H, W], pixel for pixel what Pillow's `open(path).convert("RGB")`
     holds (torchvision's default loader). JPEGs decode faster through torchvision.io than through Pillow
     (benchmarks/README.md, loader)."""
-    if path.lower().endswith(TORCHVISION_DECODES):
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
     with open(path, "rb") as f:
+        if path.lower().endswith(TORCHVISION_DECODES):  # Python's read: half the time of torchvision.io.read_file
+            return decode_image(torch.frombuffer(bytearray(f.read()), dtype=torch.uint8), mode=ImageReadMode.RGB)
         return TF.pil_to_tensor(Image.open(f).convert("RGB"))
 
 
