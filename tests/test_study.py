@@ -151,6 +151,20 @@ def test_submitted_study_chains_its_steps_by_dependencies(tmp_path):
     assert dependency(steps["cell:mae"], ids) == "" and dependency(steps["analyze:tokens"], {}) == ""
 
 
+def test_cifar_study_gives_every_cell_one_budget_and_one_learning_rate(tmp_path):
+    """cifar10_cpu.yaml compares targets at an equal budget: every cell sees the same images, batch and epochs at
+    the same learning rate (the recipes' reference batches differ: EVA's lr is per 4096, BEiT's per 2048)."""
+    from mimkit.loop import effective_lr
+    from mimkit.probes.study import build_pretrain
+    study = load_study("configs/study/cifar10_cpu.yaml", [f"output_dir={tmp_path}", "data.root=/data/cifar10"])
+    seen = {}
+    for step in plan(study):
+        if step.kind == "pretrain":
+            cfg = build_pretrain(step)[0]
+            seen[step.name] = (effective_lr(cfg), cfg.batch_size, cfg.epochs, cfg.data.limit, cfg.model.arch)
+    assert len(seen) == len(study["cells"]) and len(set(seen.values())) == 1, seen
+
+
 @pytest.mark.slow
 def test_local_executor_runs_every_step_as_a_job(tmp_path):
     study = {"data": TINY["data"], "budget": TINY["budget"], "overrides": TINY["overrides"], "probes": ["knn"],
