@@ -165,6 +165,15 @@ class Loop:
         self.step, self.history, self.resume_at = ckpt["step"], ckpt.get("history", []), ckpt.get("partial")
         return ckpt["epoch"] + 1
 
+    def resume(self, path: str | Path, kind: str, fallback: bool = True) -> int:
+        """Load a `kind` training checkpoint into the model, RNG and loop; returns the first epoch still to train
+        (a damaged file gives way to its .prev copy with a warning when `fallback`, i.e. resume=auto)."""
+        ckpt, path = checkpoint.load_resumable(path, kind, self.log, fallback)
+        self.model.load_state_dict(ckpt["model"])
+        checkpoint.set_rng_state(ckpt["rng"])
+        self.log(f"resumed from {path} (epoch {ckpt['epoch'] + 1} done, step {ckpt['step']})")
+        return self.restore(ckpt)
+
     def start_of(self, epoch: int) -> int:
         """The iterations of `epoch` trained before an interruption: its batches start after them."""
         return self.resume_at["it"] if self.resume_at and self.resume_at["epoch"] == epoch else 0

@@ -68,11 +68,7 @@ def resume(loop: Loop, run: ProbeRun) -> int:
     directory keeps it only with resume=auto; a damaged file gives way to its .prev copy, with a warning)."""
     if loop.ckpt_path is None or not loop.ckpt_path.is_file():
         return 0
-    ckpt, path = checkpoint.load_resumable(loop.ckpt_path, "probe_train", run.log)
-    loop.model.load_state_dict(ckpt["model"])
-    checkpoint.set_rng_state(ckpt["rng"])
-    run.log(f"resumed from {path} (epoch {ckpt['epoch'] + 1} done, step {ckpt['step']})")
-    return loop.restore(ckpt)
+    return loop.resume(loop.ckpt_path, "probe_train")
 
 
 def stop(loop: Loop, where: str) -> None:

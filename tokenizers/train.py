@@ -135,11 +135,7 @@ def resume(run: TokenizerRun, loop: Loop) -> int:
     damaged)."""
     if run.resume_from is None:
         return 0
-    ckpt, path = checkpoint.load_resumable(run.resume_from, "tokenizer_train", run.log, run.cfg.resume == "auto")
-    run.tok.load_state_dict(ckpt["model"])
-    checkpoint.set_rng_state(ckpt["rng"])
-    run.log(f"resumed from {path} (epoch {ckpt['epoch'] + 1} done, step {ckpt['step']})")
-    return loop.restore(ckpt)
+    return loop.resume(run.resume_from, "tokenizer_train", run.cfg.resume == "auto")
 
 
 def train_epoch(run: TokenizerRun, loop: Loop, loader: DataLoader, epoch: int) -> dict | None:
