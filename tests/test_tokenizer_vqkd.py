@@ -1,4 +1,6 @@
 """VQ-KD (BEiT v2's tokenizer): the quantizer against hand computations, shapes, round trip, a short run."""
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -7,7 +9,7 @@ from mimkit import checkpoint
 from mimkit.config import to_dict
 from mimkit.tokenizers.base import Tokenizer
 from mimkit.tokenizers.config import tokenizer_config
-from mimkit.tokenizers.train import train_tokenizer
+from mimkit.tokenizers.train import check_restart_window, train_tokenizer
 from mimkit.tokenizers.vqkd import VQKD, NormEMAQuantizer, codes_used, cosine_loss
 
 
@@ -60,6 +62,33 @@ def test_dead_codes_restart_on_batch_vectors():
     assert any(torch.allclose(q.codebook[2], v, atol=1e-6) for v in z)  # code 2 now sits on a batch vector
     usage = [0.9 * 5 + 0.1 * 3, 0.9 * 5 + 0.1 * 1, 0.9 * 0.01]  # EMA, then the dead code gets the mean usage
     assert q.usage.tolist() == pytest.approx([usage[0], usage[1], sum(usage) / 3])
+
+
+def test_an_unused_code_restarts_after_the_window_the_warning_computes():
+    """A code unused from the start falls below restart x the mean usage after ln(restart) / ln(decay) steps
+    (6.6 at 0.5 and 0.9: restarted in step 7, not 6); check_restart_window warns when that window exceeds half
+    the run and suggests a decay that fits."""
+    q = quantizer(decay=0.9, restart=0.5).train()
+    q.usage.fill_(2 / 3)  # what the first batch's init leaves: its size over the codebook size
+    z = unit([1, 0.1], [0.1, 1])  # codes 0 and 1 every step, code 2 never
+    for step in range(1, 8):
+        q(z)
+        moved = not torch.allclose(q.codebook[2], unit([-1, 0])[0])
+        assert moved == (step == 7), step
+    assert math.log(0.5) / math.log(0.9) == pytest.approx(6.58, abs=0.01)
+
+    cfg = tokenizer_config([], ["kind=lavit", "lavit.restart=0.5", "lavit.decay=0.99"])
+    lines = []
+    check_restart_window(cfg, 78, lines.append)  # 69 unused steps of 78
+    assert lines == ["warning: lavit.decay=0.99 restarts a code only after 69 unused steps, more than half of this "
+                     "run's 78: a collapsing codebook will not recover; for a run this short set lavit.decay=0.91"]
+    for decay, steps in (("0.91", 78), ("0.99", 140)):
+        lines.clear()
+        check_restart_window(tokenizer_config([], ["kind=lavit", "lavit.restart=0.5", f"lavit.decay={decay}"]), steps,
+                             lines.append)
+        assert lines == []
+    check_restart_window(tokenizer_config([], ["kind=kmeans"]), 1, lines.append)  # no EMA codebook: nothing to say
+    assert lines == []
 
 
 def test_first_batch_initializes_the_codebook():

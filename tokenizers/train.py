@@ -9,6 +9,7 @@ gradient steps, checkpoints/last.pt from which resume=auto continues.
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -170,6 +171,23 @@ def evaluate_and_draw(run: TokenizerRun, epoch: int, vis_imgs: torch.Tensor) -> 
     return {f"val_{k}": v for k, v in held.items()}
 
 
+def check_restart_window(cfg, steps: int, log) -> None:
+    """Warn when an EMA codebook marks a code dead too late for this run: a code unused since step t falls
+    below `restart` x the mean usage after ln(restart) / ln(decay) steps (69 at restart 0.5, decay 0.99), and a
+    codebook that collapses in a run shorter than that never recovers (LaVIT on CIFAR-10 in 78 steps: 15 of
+    512 codes at decay 0.99, 367 at 0.9). The suggested decay puts the window at a tenth of the run."""
+    section = getattr(cfg, cfg.kind, None)
+    restart, decay = getattr(section, "restart", 0.0), getattr(section, "decay", 0.0)
+    if not 0 < restart < 1 or not 0 < decay < 1:
+        return
+    window = math.log(restart) / math.log(decay)
+    if window > steps / 2:
+        suggest = max(0.5, math.floor(100 * restart ** (10 / steps)) / 100)
+        log(f"warning: {cfg.kind}.decay={decay} restarts a code only after {window:.0f} unused steps, more than "
+            f"half of this run's {steps}: a collapsing codebook will not recover; for a run this short set "
+            f"{cfg.kind}.decay={suggest}")
+
+
 def log_epoch(run: TokenizerRun, loop: Loop, record: dict) -> None:
     """The epoch's log line and its per-epoch TensorBoard scalars (epoch/<name>)."""
     skip = ("epoch", "seconds", "images_per_s", "val_codes_used")
@@ -220,6 +238,7 @@ def train_gradient(run: TokenizerRun) -> list[dict]:
     run.log(f"{cfg.kind} tokenizer on {cfg.data.name}: {len(run.train_set)} images, {len(loader)} steps/epoch, "
             f"lr {loop.base_lr:.3g}, {sum(p.numel() for p in tok.parameters() if p.requires_grad) / 1e6:.2f}M "
             f"trainable parameters")
+    check_restart_window(cfg, cfg.epochs * len(loader), run.log)
     with interrupts.armed():
         for epoch in range(start, cfg.epochs):
             sampler.set_epoch(epoch)
