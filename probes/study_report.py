@@ -32,7 +32,7 @@ def cell_row(study: dict, cell: str, root: Path, tokens: dict) -> dict[str, Any]
     tok_name = spec.get("tokenizer")
     sem = tokens.get(tok_name, {}) if tok_name else {}
     row = {"cell": cell, "method": cfg.get("method", spec.get("method")), "family": FAMILIES.get(kind, kind),
-           "discrete": kind == "tokens", "tokenizer": tok_name,
+           "discrete": kind == "tokens" if kind else None, "tokenizer": tok_name,
            "tcas_norm": sem.get("tcas_norm"), "nmi": sem.get("nmi"), "usage": sem.get("usage"),
            "train_seconds": m.get("train_seconds"), "images_per_s": m.get("images_per_s"),
            "loss_history": m.get("loss_history")}
