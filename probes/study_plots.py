@@ -37,12 +37,13 @@ def accuracy_bars(rows: list[dict], base: dict) -> Figure:
 
 
 def scatter(rows: list[dict], x: str, y: str, xlabel: str, ylabel: str) -> Figure:
-    fig = Figure(figsize=(4.5, 3.6))
+    fig = Figure(figsize=(5.5, 3.6))  # wide enough for the TCAS axis label
     ax = fig.add_subplot()
     for r in rows:
         if r.get(x) is not None and r.get(y) is not None:
             ax.scatter(r[x], r[y])
             ax.annotate(r["cell"], (r[x], r[y]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    ax.margins(x=0.15)  # room for the labels of the outermost points
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     fig.tight_layout()
