@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -171,11 +171,11 @@ def evaluate_and_draw(run: TokenizerRun, epoch: int, vis_imgs: torch.Tensor) -> 
     return {f"val_{k}": v for k, v in held.items()}
 
 
-def check_restart_window(cfg, steps: int, log) -> None:
-    """Warn when an EMA codebook marks a code dead too late for this run: a code unused since step t falls
+def check_restart_window(cfg, steps: int, log: Callable[[str], None]) -> None:
+    """Warn when an EMA codebook marks a code dead too late for this run: a code unused from some step on falls
     below `restart` x the mean usage after ln(restart) / ln(decay) steps (69 at restart 0.5, decay 0.99), and a
-    codebook that collapses in a run shorter than that never recovers (LaVIT on CIFAR-10 in 78 steps: 15 of
-    512 codes at decay 0.99, 367 at 0.9). The suggested decay puts the window at a tenth of the run."""
+    codebook that collapses in a run shorter than that never recovers (LaVIT's in the CIFAR-10 study did: see
+    README). The suggested decay puts the window at a tenth of the run."""
     section = getattr(cfg, cfg.kind, None)
     restart, decay = getattr(section, "restart", 0.0), getattr(section, "decay", 0.0)
     if not 0 < restart < 1 or not 0 < decay < 1:
